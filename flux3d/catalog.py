@@ -1,0 +1,236 @@
+"""The asset table: Parquet, one row per asset, stage states with reasons.
+
+Concurrent writers never rewrite a shared file. Each writer appends its own immutable part files:
+
+    catalog/assets/part-*.parquet          what the sources listed (key: asset_id)
+    catalog/<stage>/part-*.parquet         stage results (key: asset_id for download, sha256 for content stages)
+
+Readers see the union: for every key the newest result wins (by `finished_at`). The merged table has one row per
+asset with per-stage columns `<stage>_state`, `<stage>_reason`, `<stage>_message`, `<stage>_params`,
+`<stage>_seconds`, plus each stage's own output columns (vertices, has_texture, ...).
+
+Content stages are keyed by sha256, so two listings of the same bytes (a duplicate across sources) share one
+inspect/render/... result and the work is done once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from flux3d.records import FAILED, OK, REJECTED, SKIPPED, AssetRecord, StageResult
+from flux3d.storage import Storage
+
+# Known stages in pipeline order; the order of columns and of `status`. Stages not listed come after, sorted.
+STAGE_ORDER = ("download", "inspect", "render", "curate", "voxelize", "encode", "shard")
+ASSET_KEY_STAGES = ("download",)  # stages keyed by asset_id; all others are keyed by content sha256
+RESULT_FIELDS = ("state", "reason", "message", "params", "seconds", "retryable")
+
+ASSET_SCHEMA = pa.schema(
+    [
+        ("asset_id", pa.string()),
+        ("source", pa.string()),
+        ("file_identifier", pa.string()),
+        ("format", pa.string()),
+        ("sha256", pa.string()),
+        ("url", pa.string()),
+        ("license", pa.string()),
+        ("attribution", pa.string()),
+        ("bytes", pa.int64()),
+        ("metadata", pa.string()),  # JSON
+        ("listed_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+def result_schema(stage: str, columns: pa.Schema | None = None) -> pa.Schema:
+    key = "asset_id" if stage in ASSET_KEY_STAGES else "sha256"
+    base = [
+        (key, pa.string()),
+        ("state", pa.string()),
+        ("reason", pa.string()),
+        ("message", pa.string()),
+        ("params", pa.string()),
+        ("seconds", pa.float64()),
+        ("retryable", pa.bool_()),
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+    ]
+    return pa.schema(base + (list(columns) if columns is not None else []))
+
+
+def stage_key(stage: str) -> str:
+    return "asset_id" if stage in ASSET_KEY_STAGES else "sha256"
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def latest_per_key(table: pa.Table, key: str) -> pa.Table:
+    """Keep the newest row (largest finished_at/listed_at; later file order breaks ties) of every key."""
+    if table.num_rows == 0:
+        return table
+    order_col = "finished_at" if "finished_at" in table.column_names else "listed_at"
+    order = pc.sort_indices(table, sort_keys=[(order_col, "ascending")])
+    table = table.take(order).append_column("_i", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    last = table.group_by(key, use_threads=False).aggregate([("_i", "max")])
+    keep = np.sort(last["_i_max"].to_numpy())  # back in (finished_at) order
+    return table.take(keep).drop_columns("_i")
+
+
+class Catalog:
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    # -- writes -------------------------------------------------------------------------------------------------
+    def _write_part(self, folder: str, table: pa.Table) -> str:
+        rel = f"catalog/{folder}/part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        self.storage.write_bytes(rel, sink.getvalue().to_pybytes())
+        return rel
+
+    def add_assets(self, records: Sequence[AssetRecord]) -> str | None:
+        if not records:
+            return None
+        now = _now_us()
+        rows = []
+        for r in records:
+            d = dataclasses.asdict(r)
+            d.pop("local_path")
+            d["metadata"] = json.dumps(d["metadata"], sort_keys=True, default=str)
+            d["listed_at"] = now
+            rows.append(d)
+        return self._write_part("assets", pa.Table.from_pylist(rows, schema=ASSET_SCHEMA))
+
+    def write_results(
+        self, stage: str, params: str, results: Sequence[StageResult], columns: pa.Schema | None = None
+    ) -> str | None:
+        """Append one part file of results. `columns` declares the stage's own output columns and their types."""
+        if not results:
+            return None
+        schema = result_schema(stage, columns)
+        key = stage_key(stage)
+        now = _now_us()
+        rows = []
+        for r in results:
+            row = {key: r.key, "state": r.state, "reason": r.reason, "message": r.message[-4000:], "params": params,
+                   "seconds": r.seconds, "retryable": r.retryable, "finished_at": now}
+            extra = set(r.columns) - set(schema.names)
+            if extra:
+                raise ValueError(f"stage {stage} returned undeclared columns {sorted(extra)}")
+            row.update(r.columns)
+            rows.append(row)
+        return self._write_part(stage, pa.Table.from_pylist(rows, schema=schema))
+
+    # -- reads --------------------------------------------------------------------------------------------------
+    def _read_folder(self, folder: str, columns: Iterable[str] | None = None) -> pa.Table | None:
+        files = self.storage.list(f"catalog/{folder}", suffix=".parquet")
+        if not files:
+            return None
+        fs = self.storage.fs
+        # Part files of one stage may come from different code versions (a column added later): unify schemas.
+        schema = pa.unify_schemas([pq.read_schema(f, filesystem=fs) for f in files])
+        dataset = ds.dataset(files, schema=schema, format="parquet", filesystem=fs)
+        cols = None if columns is None else [c for c in columns if c in schema.names]
+        return dataset.to_table(columns=cols)
+
+    def stages(self) -> list[str]:
+        base = self.storage.path("catalog")
+        if not self.storage.fs.exists(base):
+            return []
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.storage.fs.ls(base, detail=False)]
+        present = [n for n in names if n != "assets" and self.storage.list(f"catalog/{n}", ".parquet")]
+        return [s for s in STAGE_ORDER if s in present] + sorted(s for s in present if s not in STAGE_ORDER)
+
+    def assets(self, columns: Iterable[str] | None = None) -> pa.Table:
+        cols = None if columns is None else list(dict.fromkeys(["asset_id", "listed_at", *columns]))
+        table = self._read_folder("assets", cols)
+        if table is None:
+            return ASSET_SCHEMA.empty_table() if cols is None else ASSET_SCHEMA.empty_table().select(cols)
+        return latest_per_key(table, "asset_id")
+
+    def results(self, stage: str, columns: Iterable[str] | None = None) -> pa.Table | None:
+        key = stage_key(stage)
+        cols = None if columns is None else list(dict.fromkeys([key, "finished_at", *columns]))
+        table = self._read_folder(stage, cols)
+        return None if table is None else latest_per_key(table, key)
+
+    def table(self, stages: Sequence[str] | None = None, result_columns: Sequence[str] | None = None,
+              asset_columns: Sequence[str] | None = None) -> pa.Table:
+        """The merged asset table: one row per asset_id, every stage's latest result joined on.
+
+        `result_columns` restricts what is read of each stage (e.g. ("state", "reason") for status); None = all.
+        """
+        merged = self.assets(asset_columns)
+        for stage in stages if stages is not None else self.stages():
+            res = self.results(stage, result_columns)
+            if res is None:
+                continue
+            key = stage_key(stage)
+            res = res.drop_columns([c for c in ("finished_at",) if c in res.column_names])
+            res = res.rename_columns([c if c == key or c not in RESULT_FIELDS else f"{stage}_{c}"
+                                      for c in res.column_names])
+            if key == "asset_id":
+                # The download stage establishes the real content hash; it supersedes the listed one.
+                if "sha256" in res.column_names and "sha256" in merged.column_names:
+                    res = res.rename_columns([("_dl_sha256" if c == "sha256" else c) for c in res.column_names])
+                    merged = merged.join(res, "asset_id", join_type="left outer", use_threads=False)
+                    sha = pc.coalesce(merged["_dl_sha256"], merged["sha256"])
+                    merged = merged.set_column(merged.schema.get_field_index("sha256"), "sha256", sha)
+                    merged = merged.drop_columns(["_dl_sha256"])
+                    continue
+            elif "sha256" not in merged.column_names:
+                continue
+            merged = merged.join(res, key, join_type="left outer", use_threads=False)
+        return merged.sort_by("listed_at") if "listed_at" in merged.column_names else merged
+
+    # -- planning -----------------------------------------------------------------------------------------------
+    def done_keys(self, stage: str, params: str) -> set[str]:
+        """Keys whose latest result is final for these params (anything but a retryable failure)."""
+        res = self.results(stage, ["state", "params", "retryable"])
+        if res is None:
+            return set()
+        final = pc.and_(pc.equal(res["params"], params), pc.invert(pc.fill_null(res["retryable"], False)))
+        return set(res.filter(final)[stage_key(stage)].to_pylist())
+
+    def status(self) -> dict[str, Any]:
+        """Counts per stage and state, and per `state:reason` for everything not ok."""
+        stages = self.stages()
+        t = self.table(stages, result_columns=("state", "reason"), asset_columns=("sha256", "source"))
+        out: dict[str, Any] = {"assets": t.num_rows,
+                               "unique_sha256": pc.count_distinct(t["sha256"]).as_py() if t.num_rows else 0,
+                               "sources": _counts(t["source"]) if t.num_rows else {}, "stages": {}}
+        prev_ok = None
+        for stage in stages:
+            state = t[f"{stage}_state"]
+            if prev_ok is not None:
+                # Not reached because an earlier stage did not pass: "blocked", not "pending".
+                state = pc.if_else(pc.and_(pc.is_null(state), pc.invert(prev_ok)), pa.scalar("blocked"), state)
+            state = pc.fill_null(state, "pending")
+            not_ok = pc.invert(pc.is_in(state, pa.array([OK, "pending", "blocked"])))
+            reasons = pc.binary_join_element_wise(pc.filter(state, not_ok),
+                                                  pc.filter(pc.fill_null(t[f"{stage}_reason"], ""), not_ok), ":")
+            out["stages"][stage] = {"states": _counts(state), "reasons": _counts(reasons)}
+            prev_ok = pc.equal(state, OK)
+        return out
+
+
+def _counts(arr: pa.ChunkedArray | pa.Array) -> dict[str, int]:
+    vc = pc.value_counts(arr)
+    pairs = sorted(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()), key=lambda p: (-p[1], str(p[0])))
+    return {str(k): int(v) for k, v in pairs}
+
+
+__all__ = ["Catalog", "ASSET_SCHEMA", "result_schema", "stage_key", "latest_per_key", "OK", "FAILED", "REJECTED",
+           "SKIPPED"]

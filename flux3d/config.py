@@ -1,0 +1,189 @@
+"""Typed run configuration, loaded from one TOML file.
+
+Each section is a dataclass; the docstring under a field is its documentation. Defaults run on a laptop. A TOML
+file only needs the fields it changes:
+
+    [storage]
+    root = "s3://bucket/flux3d"
+
+    [download]
+    workers = 32
+
+Unknown sections or keys, wrong types and conflicting options raise ValueError (no silent correction).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(kw_only=True, slots=True)
+class StorageConfig:
+    root: str = "./data"
+    """Data root: a local path or any fsspec URL (s3://bucket/prefix, gs://..., memory://...)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class IngestConfig:
+    batch_size: int = 64
+    """Results are committed to the catalog in batches of this many assets; a kill loses at most one batch."""
+    limit: int | None = None
+    """Stop after listing this many assets per source (None = all); for trial runs."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("ingest.batch_size must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class DownloadConfig:
+    workers: int = 8
+    """Concurrent downloads (threads; downloads are I/O bound)."""
+    connect_timeout_s: float = 10.0
+    """Seconds to establish a connection."""
+    read_timeout_s: float = 60.0
+    """Seconds without a byte before the transfer is abandoned (a stalled server is a transient error)."""
+    max_attempts: int = 5
+    """Attempts per file for transient errors (connection, timeout, HTTP 429/5xx). 4xx other than 429 is final."""
+    backoff_s: float = 1.0
+    """First retry delay; doubles each attempt, with +-50% jitter, capped at `backoff_max_s`."""
+    backoff_max_s: float = 60.0
+    """Upper bound of one retry delay (a server's Retry-After is honoured up to this too)."""
+    max_file_bytes: int = 2 * 1024**3
+    """Files larger than this are refused (`failed:too_large`)."""
+    accept_modified: bool = False
+    """Keep a file whose sha256 differs from the source's (Objaverse-XL 'modified'); default records hash_mismatch."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.max_attempts < 1:
+            raise ValueError("download.workers and download.max_attempts must be >= 1")
+        if self.backoff_s > self.backoff_max_s:
+            raise ValueError("download.backoff_s must not exceed download.backoff_max_s")
+
+
+@dataclass(kw_only=True, slots=True)
+class ArchiveConfig:
+    max_members: int = 100_000
+    """Archives with more members are refused (`failed:archive_too_many_members`)."""
+    max_total_bytes: int = 8 * 1024**3
+    """Uncompressed size cap for one archive (zip-bomb guard)."""
+    max_ratio: float = 200.0
+    """Largest allowed uncompressed/compressed size ratio of the whole archive (zip-bomb guard)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class InspectConfig:
+    workers: int = 2
+    """Assets inspected in parallel, each in its own bounded child process."""
+    timeout_s: float = 120.0
+    """Wall-clock limit per asset; the child's whole process group is killed after it (`failed:timeout`)."""
+    memory_mb: int = 8192
+    """Address-space limit of the child (`failed:out_of_memory` when exceeded)."""
+    reject_untextured: bool = True
+    """Reject assets in a material-capable format (glTF, OBJ, FBX, ...) that reference no image texture: they can
+    only render flat or vertex colour, the failure mode the paper's texture filter exists for, and inspect is the
+    cheapest place to drop them."""
+    geometry_only_formats: list[str] = field(default_factory=lambda: ["stl", "ply"])
+    """Formats that cannot carry textures: `reject_untextured` does not apply (render + curation decide)."""
+    max_faces: int = 20_000_000
+    """Assets with more faces are rejected (`rejected:too_many_faces`); they would stall rendering."""
+
+
+@dataclass(kw_only=True, slots=True)
+class SourcesConfig:
+    objaverse_dir: str = "~/.objaverse"
+    """Cache folder of the `objaverse` package (annotations, object paths, downloaded glbs)."""
+    objaverse_xl_dir: str = "~/.objaverse"
+    """Download folder for `objaverse.xl` annotations."""
+    objaverse_base_url: str = "https://huggingface.co/datasets/allenai/objaverse/resolve/main"
+    """Where Objaverse 1.0 glbs live (the path after it comes from object-paths.json.gz)."""
+    github_archive_url: str = "https://codeload.github.com/{org}/{repo}/tar.gz/{commit}"
+    """Template of a GitHub repository archive at a commit (Objaverse-XL github objects)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
+    inspect: InspectConfig = field(default_factory=InspectConfig)
+    sources: SourcesConfig = field(default_factory=SourcesConfig)
+
+
+def _check_type(where: str, value: Any, tp: Any) -> Any:
+    """Validate one TOML value against a field annotation (the subset of types config fields use)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check_type(where, value, arm)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"{where}: {value!r} matches none of {tp}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_check_type(f"{where}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
+        return value
+    raise ValueError(f"{where}: unsupported field type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown key(s) in [{where or 'top level'}]: {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        sub_where = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ValueError(f"[{sub_where}] must be a table")
+            kwargs[name] = _build(tp, value, sub_where)
+        else:
+            kwargs[name] = _check_type(sub_where, value, tp)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data, "")
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a TOML config file (None = all defaults), then apply dotted overrides like {"storage.root": "/tmp/r"}."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return config_from_dict(data)
+
+
+def section_params(section: Any) -> dict[str, Any]:
+    """A config section as a plain dict, for params hashes."""
+    return dataclasses.asdict(section)

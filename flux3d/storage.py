@@ -1,0 +1,117 @@
+"""The data root: a local folder by default, any fsspec URL on a cluster (s3://, gs://, memory://).
+
+Two rules hold for every write: it is atomic (readers never see a partial file: write a temporary sibling, then
+rename), and per-asset outputs are keyed by the content sha256 (DESIGN.md sec. 3):
+
+    raw/<sha>.<ext>            downloaded files
+    raw/archives/<sha>/...     extracted archives (GitHub repositories)
+    catalog/...                the asset table (see catalog.py)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from typing import IO
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+TMP_MARK = ".tmp-"
+
+
+class Storage:
+    def __init__(self, root: str) -> None:
+        self.url = root
+        self.fs, path = fsspec.core.url_to_fs(os.path.expanduser(root))
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.root = os.path.abspath(path) if self.local else path.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"Storage({self.url!r})"
+
+    def path(self, *parts: str) -> str:
+        """Absolute path (in the filesystem's own terms) of a location under the root."""
+        return posixpath.join(self.root, *parts)
+
+    # -- per-asset layout ---------------------------------------------------------------------------------------
+    @staticmethod
+    def raw_rel(sha256: str, fmt: str) -> str:
+        return f"raw/{sha256}.{fmt}"
+
+    @staticmethod
+    def archive_rel(sha256: str) -> str:
+        return f"raw/archives/{sha256}"
+
+    # -- reads ------------------------------------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def list(self, rel: str, suffix: str = "") -> list[str]:
+        """Files directly under a folder (absolute paths), sorted, temporary files left out."""
+        base = self.path(rel)
+        if not self.fs.exists(base):
+            return []
+        names = self.fs.ls(base, detail=False)
+        return sorted(n for n in names if n.endswith(suffix) and TMP_MARK not in posixpath.basename(n))
+
+    # -- atomic writes ------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def open_atomic(self, rel: str, mode: str = "wb") -> Iterator[IO]:
+        """Open a temporary sibling for writing; it becomes `rel` only when the block exits without error."""
+        final = self.path(rel)
+        tmp = self.tmp_sibling(final)
+        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        try:
+            with self.fs.open(tmp, mode) as f:
+                yield f
+            self.commit(tmp, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(tmp)
+            raise
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        with self.open_atomic(rel) as f:
+            f.write(data)
+
+    @staticmethod
+    def tmp_sibling(final: str) -> str:
+        head, tail = posixpath.split(final)
+        return posixpath.join(head, f"{TMP_MARK}{uuid.uuid4().hex[:12]}-{tail}")
+
+    def commit(self, tmp: str, final: str) -> None:
+        """Move a finished temporary file into place (atomic rename on local disk and POSIX-like stores)."""
+        if self.local:
+            os.replace(tmp, final)
+        else:
+            # Object stores publish an object only when its upload completes, so a copy-then-delete never
+            # exposes a partial object under the final name.
+            self.fs.mv(tmp, final)
+
+    def sweep_tmp(self, rel: str) -> int:
+        """Remove temporary files a killed writer left under a folder. Returns how many were removed."""
+        base = self.path(rel)
+        if not self.fs.exists(base):
+            return 0
+        stale = [p for p in self.fs.find(base) if TMP_MARK in posixpath.basename(p)]
+        for p in stale:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(p)
+        return len(stale)
+
+    def local_dir(self, rel: str) -> str:
+        """A local folder for things that need a real filesystem (archive extraction, Blender).
+
+        On a remote root this is a cache under FLUX3D_LOCAL_CACHE (default /tmp/flux3d-cache) mirroring `rel`.
+        """
+        if self.local:
+            return self.path(rel)
+        cache = os.environ.get("FLUX3D_LOCAL_CACHE", "/tmp/flux3d-cache")
+        return os.path.join(cache, rel)
