@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import time
 import uuid
 from collections.abc import Iterator
 from typing import IO
@@ -95,12 +96,17 @@ class Storage:
             # exposes a partial object under the final name.
             self.fs.mv(tmp, final)
 
-    def sweep_tmp(self, rel: str) -> int:
-        """Remove temporary files a killed writer left under a folder. Returns how many were removed."""
+    def sweep_tmp(self, rel: str, min_age_s: float = 3600.0) -> int:
+        """Remove temporary files a killed writer left under a folder. Returns how many were removed.
+
+        Only files older than `min_age_s` go: a concurrent writer's in-flight temporary file must survive.
+        """
         base = self.path(rel)
         if not self.fs.exists(base):
             return 0
-        stale = [p for p in self.fs.find(base) if TMP_MARK in posixpath.basename(p)]
+        now = time.time()
+        stale = [p for p, info in self.fs.find(base, withdirs=False, detail=True).items()
+                 if TMP_MARK in posixpath.basename(p) and now - _mtime(info) >= min_age_s]
         for p in stale:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(p)
@@ -115,3 +121,24 @@ class Storage:
             return self.path(rel)
         cache = os.environ.get("FLUX3D_LOCAL_CACHE", "/tmp/flux3d-cache")
         return os.path.join(cache, rel)
+
+    def local_copy(self, path: str) -> str:
+        """A local file for `path` (a path under this root): itself on local disk, else a cached download.
+
+        Engines such as Blender and trimesh need real files; on an object-store root they read a cached copy.
+        """
+        if self.local or os.path.exists(path):
+            return path
+        rel = posixpath.relpath(path, self.root)
+        local = self.local_dir(rel)
+        if not os.path.exists(local):
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            tmp = self.tmp_sibling(local)
+            self.fs.get_file(path, tmp)
+            os.replace(tmp, local)
+        return local
+
+
+def _mtime(info: dict) -> float:
+    value = info.get("mtime") or info.get("LastModified") or info.get("created") or 0.0
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
