@@ -174,26 +174,20 @@ class Catalog:
         """
         merged = self.assets(asset_columns)
         for stage in stages if stages is not None else self.stages():
-            res = self.results(stage, result_columns)
+            key = stage_key(stage)
+            cols = result_columns
+            if cols is not None and key == "asset_id":
+                cols = (*cols, "sha256")  # the downloaded hash links assets to the content stages after it
+            res = self.results(stage, cols)
             if res is None:
                 continue
-            key = stage_key(stage)
             res = res.drop_columns([c for c in ("finished_at",) if c in res.column_names])
             res = res.rename_columns([c if c == key or c not in RESULT_FIELDS else f"{stage}_{c}"
                                       for c in res.column_names])
-            if key == "asset_id":
-                # The download stage establishes the real content hash; it supersedes the listed one.
-                if "sha256" in res.column_names and "sha256" in merged.column_names:
-                    res = res.rename_columns([("_dl_sha256" if c == "sha256" else c) for c in res.column_names])
-                    merged = merged.join(res, "asset_id", join_type="left outer", use_threads=False)
-                    sha = pc.coalesce(merged["_dl_sha256"], merged["sha256"])
-                    merged = merged.set_column(merged.schema.get_field_index("sha256"), "sha256", sha)
-                    merged = merged.drop_columns(["_dl_sha256"])
-                    continue
-            elif "sha256" not in merged.column_names:
+            if key not in merged.column_names:
                 continue
-            merged = merged.join(res, key, join_type="left outer", use_threads=False)
-        return merged.sort_by("listed_at") if "listed_at" in merged.column_names else merged
+            merged = _left_join(merged, res, key)
+        return merged  # in listing order: latest_per_key keeps time order and the joins keep row order
 
     # -- planning -----------------------------------------------------------------------------------------------
     def done_keys(self, stage: str, params: str) -> set[str]:
@@ -224,6 +218,23 @@ class Catalog:
             out["stages"][stage] = {"states": _counts(state), "reasons": _counts(reasons)}
             prev_ok = pc.equal(state, OK)
         return out
+
+
+def _left_join(left: pa.Table, right: pa.Table, key: str) -> pa.Table:
+    """Attach `right`'s columns to every row of `left` by `key` (unique in `right`), keeping `left`'s order.
+
+    A column both tables have (download's `sha256` and `bytes`) takes `right`'s value where it has one: the
+    stage measured what the listing only claimed. Done with index_in + take rather than Table.join, which
+    refuses list-typed columns such as bbox_min.
+    """
+    taken = right.drop_columns([key]).take(pc.index_in(left[key], value_set=right[key]))
+    for name in taken.column_names:
+        if name in left.column_names:
+            i = left.schema.get_field_index(name)
+            left = left.set_column(i, name, pc.coalesce(taken[name], left[name]))
+        else:
+            left = left.append_column(taken.field(name), taken[name])
+    return left
 
 
 def _counts(arr: pa.ChunkedArray | pa.Array) -> dict[str, int]:

@@ -174,7 +174,8 @@ def download_asset(rec: AssetRecord, cfg: Config, storage: Storage,
         try:
             result = _download(rec, cfg, storage, session)
         except DownloadError as e:
-            outcome = "missing" if e.reason in ("http_404", "http_410", "missing_file", "missing_member") else None
+            outcome = ("missing" if e.reason in ("http_404", "http_410", "missing_file", "missing_member")
+                       else "modified" if e.reason == "hash_mismatch" else None)
             result = StageResult(rec.asset_id, FAILED, e.reason, str(e), retryable=e.retryable,
                                  columns={"source_outcome": outcome})
         except OSError as e:  # local disk trouble is the worker's problem, not the asset's: retry later

@@ -1,0 +1,82 @@
+"""Procedural demo assets, made by the code itself so `make demo` needs nothing downloaded.
+
+A small, honest mix: textured assets that pass inspect, and inputs every 3D pipeline meets in the wild (an
+untextured model, a truncated file, an empty file, a text file with a 3D extension) that must be dropped with
+reasons. Assets are written once; re-running the demo reuses them byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+DEMO_FILES = ("checker_box.glb", "striped_sphere.obj", "ring.stl", "plain_cone.glb", "truncated_box.glb",
+              "empty.glb", "notes_not_a_mesh.glb")
+
+
+def _checker(size: int = 64, cells: int = 8, seed: int = 0):  # noqa: ANN202 - PIL image
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(40, 255, size=(2, 3), dtype=np.uint8)
+    ij = (np.add.outer(np.arange(size), np.arange(size)) // (size // cells)) % 2
+    return Image.fromarray(palette[ij])
+
+
+def _textured_box_glb() -> bytes:
+    import trimesh
+
+    mesh = trimesh.creation.box(extents=(1.0, 0.6, 0.4))
+    mesh.unmerge_vertices()  # per-face UVs need unshared corners (in place)
+    uv = np.tile(np.array([[0, 0], [1, 0], [0, 1]], dtype=np.float64), (len(mesh.faces), 1))
+    mesh.visual = trimesh.visual.TextureVisuals(uv=uv, image=_checker())
+    return trimesh.Scene(mesh).export(file_type="glb")
+
+
+def _sphere_obj(folder: str) -> None:
+    import trimesh
+
+    sphere = trimesh.creation.uv_sphere(radius=0.5, count=(16, 24))
+    v = sphere.vertices
+    uv = np.stack([0.5 + np.arctan2(v[:, 1], v[:, 0]) / (2 * np.pi), 0.5 + np.arcsin(np.clip(v[:, 2] / 0.5, -1, 1))
+                   / np.pi], axis=1)
+    lines = ["mtllib striped_sphere.mtl", "usemtl stripes"]
+    lines += [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in v]
+    lines += [f"vt {s:.6f} {t:.6f}" for s, t in uv]
+    lines += [f"f {a}/{a} {b}/{b} {c}/{c}" for a, b, c in sphere.faces + 1]
+    with open(os.path.join(folder, "striped_sphere.obj"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(folder, "striped_sphere.mtl"), "w") as f:
+        f.write("newmtl stripes\nKd 1 1 1\nmap_Kd textures/stripes.png\n")
+    os.makedirs(os.path.join(folder, "textures"), exist_ok=True)
+    _checker(cells=4, seed=1).save(os.path.join(folder, "textures", "stripes.png"))
+
+
+def make_demo_assets(folder: str) -> list[str]:
+    """Write the demo assets into `folder` (once) and return their paths."""
+    import trimesh
+
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, name) for name in DEMO_FILES]
+    if all(os.path.exists(p) for p in paths):
+        return paths
+    box = _textured_box_glb()
+    writers = {
+        "checker_box.glb": lambda: box,
+        "ring.stl": lambda: trimesh.creation.annulus(r_min=0.3, r_max=0.5, height=0.2).export(file_type="stl"),
+        "plain_cone.glb": lambda: trimesh.creation.cone(radius=0.4, height=1.0).export(file_type="glb"),
+        "truncated_box.glb": lambda: box[: len(box) // 2],
+        "empty.glb": lambda: b"",
+        "notes_not_a_mesh.glb": lambda: b"this is a text file, not a binary glTF\n",
+    }
+    for name, make in writers.items():
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            tmp = path + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write(make())
+            os.replace(tmp, path)
+    if not os.path.exists(os.path.join(folder, "striped_sphere.obj")):
+        _sphere_obj(folder)
+    return paths
