@@ -76,16 +76,23 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
+def newest_first(table: pa.Table) -> pa.Table:
+    """Rows sorted newest first (finished_at, or listed_at for listings); an int64 sort, cheap at 1M rows."""
+    order_col = "finished_at" if "finished_at" in table.column_names else "listed_at"
+    return table.take(pc.sort_indices(table, sort_keys=[(order_col, "descending")]))
+
+
 def latest_per_key(table: pa.Table, key: str) -> pa.Table:
-    """Keep the newest row (largest finished_at/listed_at; later file order breaks ties) of every key."""
+    """Keep the newest row of every key, in time order (oldest first)."""
     if table.num_rows == 0:
         return table
-    order_col = "finished_at" if "finished_at" in table.column_names else "listed_at"
-    order = pc.sort_indices(table, sort_keys=[(order_col, "ascending")])
-    table = table.take(order).append_column("_i", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    last = table.group_by(key, use_threads=False).aggregate([("_i", "max")])
-    keep = np.sort(last["_i_max"].to_numpy())  # back in (finished_at) order
-    return table.take(keep).drop_columns("_i")
+    distinct = pc.unique(table[key])
+    if len(distinct) == table.num_rows:
+        return table  # the common case, every key written once: nothing to drop
+    table = newest_first(table)
+    # index_in returns the first match, i.e. the newest row of each distinct key.
+    keep = pc.index_in(distinct, value_set=table[key])
+    return table.take(np.sort(keep.to_numpy())[::-1])  # descending positions in newest-first = oldest first
 
 
 class Catalog:
@@ -160,11 +167,14 @@ class Catalog:
             return ASSET_SCHEMA.empty_table() if cols is None else ASSET_SCHEMA.empty_table().select(cols)
         return latest_per_key(table, "asset_id")
 
-    def results(self, stage: str, columns: Iterable[str] | None = None) -> pa.Table | None:
+    def results(self, stage: str, columns: Iterable[str] | None = None, dedupe: bool = True) -> pa.Table | None:
+        """A stage's results, the newest per key; `dedupe=False` keeps every row, newest first (for joins)."""
         key = stage_key(stage)
         cols = None if columns is None else list(dict.fromkeys([key, "finished_at", *columns]))
         table = self._read_folder(stage, cols)
-        return None if table is None else latest_per_key(table, key)
+        if table is None:
+            return None
+        return latest_per_key(table, key) if dedupe else newest_first(table)
 
     def table(self, stages: Sequence[str] | None = None, result_columns: Sequence[str] | None = None,
               asset_columns: Sequence[str] | None = None) -> pa.Table:
@@ -178,7 +188,7 @@ class Catalog:
             cols = result_columns
             if cols is not None and key == "asset_id":
                 cols = (*cols, "sha256")  # the downloaded hash links assets to the content stages after it
-            res = self.results(stage, cols)
+            res = self.results(stage, cols, dedupe=False)  # the join below takes the newest match per key
             if res is None:
                 continue
             res = res.drop_columns([c for c in ("finished_at",) if c in res.column_names])
@@ -221,7 +231,9 @@ class Catalog:
 
 
 def _left_join(left: pa.Table, right: pa.Table, key: str) -> pa.Table:
-    """Attach `right`'s columns to every row of `left` by `key` (unique in `right`), keeping `left`'s order.
+    """Attach `right`'s columns to every row of `left` by `key`, keeping `left`'s order.
+
+    Where `right` has several rows of a key, the first wins (callers pass results newest first).
 
     A column both tables have (download's `sha256` and `bytes`) takes `right`'s value where it has one: the
     stage measured what the listing only claimed. Done with index_in + take rather than Table.join, which
