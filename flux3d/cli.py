@@ -34,19 +34,30 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _print_summary(summary) -> None:  # noqa: ANN001 - IngestSummary, imported lazily
+STATE_COLUMNS = ("ok", "skipped", "rejected", "failed")
+
+
+def _print_counts(title: str, rows: list[tuple[str, dict[str, int], dict[str, int], list[str]]],
+                  states: tuple[str, ...], extra: tuple[str, ...] = ()) -> None:
+    """One table row per stage (counts per state), then one line per `state:reason` that is not ok."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    for spec, n in summary.listed.items():
-        console.print(f"listed {n} new asset(s) from {spec}")
-    table = Table("stage", "processed", "states", "reasons", "assets/s")
-    for run in summary.stages:
-        table.add_row(run.stage, str(run.processed), json.dumps(run.states), json.dumps(run.reasons),
-                      f"{run.per_second:.1f}")
+    table = Table(*("stage", *states, *extra), title=title, title_justify="left")
+    for stage, counts, _, extra_values in rows:
+        table.add_row(stage, *(str(counts.get(s, 0)) for s in states), *extra_values)
     console.print(table)
-    console.print(f"ingest finished in {summary.seconds:.1f} s")
+    for stage, _, reasons, _ in rows:
+        for reason, n in reasons.items():
+            console.print(f"  {stage:<10} {reason:<40} {n}")
+
+
+def _print_summary(summary) -> None:  # noqa: ANN001 - IngestSummary, imported lazily
+    for spec, n in summary.listed.items():
+        typer.echo(f"listed {n} new asset(s) from {spec}")
+    rows = [(r.stage, r.states, r.reasons, [str(r.processed), f"{r.per_second:.1f}"]) for r in summary.stages]
+    _print_counts(f"ingest: this run ({summary.seconds:.1f} s)", rows, STATE_COLUMNS, ("processed", "assets/s"))
 
 
 @app.command()
@@ -82,15 +93,10 @@ def status(root: RootOpt = None, config: ConfigOpt = None,
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    console.print(f"{report['assets']} assets ({report['unique_sha256']} unique files) from {report['sources']}")
-    table = Table("stage", "states", "not ok, by reason")
-    for stage, counts in report["stages"].items():
-        table.add_row(stage, json.dumps(counts["states"]), json.dumps(counts["reasons"]))
-    console.print(table)
+    typer.echo(f"{report['assets']} assets ({report['unique_sha256']} unique files); by source: "
+               + ", ".join(f"{k} {v}" for k, v in report["sources"].items()))
+    rows = [(stage, c["states"], c["reasons"], []) for stage, c in report["stages"].items()]
+    _print_counts("catalog status", rows, ("ok", "pending", "blocked", *STATE_COLUMNS[1:]))
 
 
 @app.command()
