@@ -208,6 +208,23 @@ class Catalog:
         final = pc.and_(pc.equal(res["params"], params), pc.invert(pc.fill_null(res["retryable"], False)))
         return set(res.filter(final)[stage_key(stage)].to_pylist())
 
+    def todo(self, stage: str, params: str, after: Sequence[str] = (), result_columns: Sequence[str] = ("state",),
+             asset_columns: Sequence[str] | None = None) -> pa.Table:
+        """What `stage` still has to do: rows whose `after` stages are all ok and whose `stage` result is not final
+        for `params`. Content stages get one row per sha256 (a file listed twice is processed once)."""
+        table = self.table(list(after), result_columns=result_columns, asset_columns=asset_columns)
+        for up in after:
+            if f"{up}_state" not in table.column_names:
+                return table.slice(0, 0)
+            table = table.filter(pc.fill_null(pc.equal(table[f"{up}_state"], OK), False))
+        key = stage_key(stage)
+        done = pa.array(sorted(self.done_keys(stage, params)), pa.string())
+        table = table.filter(pc.invert(pc.is_in(table[key], value_set=done)))
+        if key == "sha256" and table.num_rows:
+            first = pc.index_in(pc.unique(table[key]), value_set=table[key])
+            table = table.take(np.sort(first.to_numpy()))
+        return table
+
     def status(self) -> dict[str, Any]:
         """Counts per stage and state, and per `state:reason` for everything not ok."""
         stages = self.stages()

@@ -20,7 +20,7 @@ import requests
 
 from flux3d.catalog import Catalog
 from flux3d.config import Config
-from flux3d.records import OK, AssetRecord, params_hash
+from flux3d.records import AssetRecord, StageResult, params_hash
 from flux3d.runner import StageRun, run_stage
 from flux3d.sources import list_source, parse_spec
 from flux3d.stages.download import DOWNLOAD_COLUMNS, download_asset, download_params
@@ -44,14 +44,13 @@ def inspect_params(cfg: Config) -> str:
     return params_hash("inspect", INSPECT_VERSION, policy)
 
 
-def _records(catalog: Catalog, asset_ids: set[str] | None = None) -> Iterator[AssetRecord]:
-    table = catalog.assets()
-    if asset_ids is not None:
-        table = table.filter(pc.is_in(table["asset_id"], value_set=pa.array(sorted(asset_ids), pa.string())))
-    for row in table.to_pylist():
-        row.pop("listed_at")
-        row["metadata"] = json.loads(row["metadata"] or "{}")
-        yield AssetRecord(**row)
+def records(table: pa.Table, batch_rows: int = 4096) -> Iterator[AssetRecord]:
+    """AssetRecords of catalog rows, converted a batch at a time (a million rows never sit in memory as dicts)."""
+    fields = set(AssetRecord.__slots__)
+    for batch in table.to_batches(max_chunksize=batch_rows):
+        for row in batch.to_pylist():
+            row["metadata"] = json.loads(row.get("metadata") or "{}")
+            yield AssetRecord(**{k: v for k, v in row.items() if k in fields})
 
 
 def list_sources(cfg: Config, catalog: Catalog, specs: Sequence[str]) -> dict[str, int]:
@@ -80,34 +79,25 @@ def list_sources(cfg: Config, catalog: Catalog, specs: Sequence[str]) -> dict[st
 
 def run_download(cfg: Config, storage: Storage, catalog: Catalog) -> StageRun:
     params = download_params(cfg)
-    done = catalog.done_keys("download", params)
-    todo = (r for r in _records(catalog) if r.asset_id not in done)
+    todo = catalog.todo("download", params)
     session = requests.Session()
     adapter = requests.adapters.HTTPAdapter(pool_maxsize=cfg.download.workers)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    return run_stage("download", lambda r: download_asset(r, cfg, storage, session), todo,
+    return run_stage("download", lambda r: download_asset(r, cfg, storage, session), records(todo),
                      workers=cfg.download.workers, batch_size=cfg.ingest.batch_size,
                      commit=lambda rs: catalog.write_results("download", params, rs, DOWNLOAD_COLUMNS))
 
 
 def run_inspect(cfg: Config, storage: Storage, catalog: Catalog) -> StageRun:
     params = inspect_params(cfg)
-    done = catalog.done_keys("inspect", params)
-    table = catalog.table(["download"], asset_columns=("sha256", "format"))
-    if "download_state" not in table.column_names:
-        return StageRun("inspect")
-    table = table.filter(pc.equal(table["download_state"], OK))
-    todo: dict[str, tuple[str, str]] = {}  # one inspection per content hash, however many listings share it
-    for sha, fmt, path in zip(*(table[c].to_pylist() for c in ("sha256", "format", "local_path"))):
-        if sha not in done and sha not in todo:
-            todo[sha] = (path, fmt)
+    todo = catalog.todo("inspect", params, after=["download"], result_columns=("state", "local_path"),
+                        asset_columns=("source", "file_identifier", "sha256", "format"))
 
-    def one(item: tuple[str, tuple[str, str]]):  # noqa: ANN202
-        sha, (path, fmt) = item
-        return inspect_asset(storage.local_copy(path), fmt, sha, cfg.inspect)
+    def one(rec: AssetRecord) -> StageResult:
+        return inspect_asset(storage.local_copy(rec.local_path), rec.format, rec.sha256, cfg.inspect)
 
-    return run_stage("inspect", one, todo.items(), workers=cfg.inspect.workers, batch_size=cfg.ingest.batch_size,
+    return run_stage("inspect", one, records(todo), workers=cfg.inspect.workers, batch_size=cfg.ingest.batch_size,
                      commit=lambda rs: catalog.write_results("inspect", params, rs, INSPECT_COLUMNS))
 
 
