@@ -1,5 +1,6 @@
-"""Objaverse sources through the whole ingest: the package's cache layout for listing, a loopback HTTP server
-standing in for the hub and for GitHub's archive host, then download + inspect for real."""
+"""Remote sources through the whole ingest (Objaverse 1.0, Objaverse-XL GitHub, URL manifests): listing from the
+objaverse package's cache layout, a loopback HTTP server standing in for the hub, GitHub and dataset hosts, then
+download + inspect for real."""
 
 from __future__ import annotations
 
@@ -76,3 +77,28 @@ def test_objaverse_xl_github_archive_found_modified_missing(tmp_path):
     assert (rows["old.glb"]["download_state"], rows["old.glb"]["download_reason"],
             rows["old.glb"]["source_outcome"]) == ("failed", "hash_mismatch", "modified")
     assert (rows["gone.glb"]["download_reason"], rows["gone.glb"]["source_outcome"]) == ("missing_member", "missing")
+
+
+def test_manifest_urls_and_paths_through_ingest(tmp_path):
+    glb = _textured_box_glb()
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "box.glb").write_bytes(glb)
+    with serve({"/ABO/box.glb": Route(glb, script=["500"]), "/ABO/evil.glb": Route(b"not what the list says")}) as srv:
+        manifest = tmp_path / "ABO.csv"
+        sha = hashlib.sha256(glb).hexdigest()
+        manifest.write_text("sha256,file_identifier,license,aesthetic_score\n"
+                            f"{sha},{srv.url}/ABO/box.glb,CC-BY-4.0,5.0\n"
+                            f"{sha},local/box.glb,CC-BY-4.0,5.0\n"
+                            f"{'2' * 64},{srv.url}/ABO/evil.glb,CC-BY-4.0,3.0\n"
+                            f"{'3' * 64},{srv.url}/ABO/gone.glb,CC-BY-4.0,3.0\n")
+        cfg = load_config(overrides={"storage.root": str(tmp_path / "root"), "download.backoff_s": 0.01,
+                                     "download.backoff_max_s": 0.02})
+        summary = ingest(cfg, [f"manifest:{manifest}"])
+    rows = {r["file_identifier"].rsplit("/", 1)[-1] + ("@url" if r["url"] else ""): r
+            for r in Catalog(Storage(cfg.storage.root)).table().to_pylist()}
+    assert rows["box.glb@url"]["inspect_state"] == rows["box.glb"]["inspect_state"] == "ok"
+    assert rows["box.glb@url"]["source"] == "manifest:ABO" and rows["box.glb@url"]["license"] == "CC-BY-4.0"
+    assert rows["evil.glb@url"]["download_reason"] == "hash_mismatch"
+    assert rows["gone.glb@url"]["download_reason"] == "http_404"
+    # Two listings of one file: one inspection serves both rows.
+    assert summary.stages[1].processed == 1
