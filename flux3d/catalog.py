@@ -19,7 +19,7 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -245,6 +245,15 @@ class Catalog:
             out["stages"][stage] = {"states": _counts(state), "reasons": _counts(reasons)}
             prev_ok = pc.equal(state, OK)
         return out
+
+
+def records(table: pa.Table, batch_rows: int = 4096) -> Iterator[AssetRecord]:
+    """AssetRecords of catalog rows, converted a batch at a time (a million rows never sit in memory as dicts)."""
+    fields = set(AssetRecord.__slots__)
+    for batch in table.to_batches(max_chunksize=batch_rows):
+        for row in batch.to_pylist():
+            row["metadata"] = json.loads(row.get("metadata") or "{}")
+            yield AssetRecord(**{k: v for k, v in row.items() if k in fields})
 
 
 def _left_join(left: pa.Table, right: pa.Table, key: str) -> pa.Table:

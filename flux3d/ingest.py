@@ -11,14 +11,14 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import requests
 
-from flux3d.catalog import Catalog
+from flux3d.catalog import Catalog, records
 from flux3d.config import Config
 from flux3d.records import AssetRecord, StageResult, params_hash
 from flux3d.runner import StageRun, run_stage
@@ -42,15 +42,6 @@ def inspect_params(cfg: Config) -> str:
     # Only what changes an outcome; workers and timeouts do not make finished results stale.
     policy = {k: getattr(cfg.inspect, k) for k in ("reject_untextured", "geometry_only_formats", "max_faces")}
     return params_hash("inspect", INSPECT_VERSION, policy)
-
-
-def records(table: pa.Table, batch_rows: int = 4096) -> Iterator[AssetRecord]:
-    """AssetRecords of catalog rows, converted a batch at a time (a million rows never sit in memory as dicts)."""
-    fields = set(AssetRecord.__slots__)
-    for batch in table.to_batches(max_chunksize=batch_rows):
-        for row in batch.to_pylist():
-            row["metadata"] = json.loads(row.get("metadata") or "{}")
-            yield AssetRecord(**{k: v for k, v in row.items() if k in fields})
 
 
 def list_sources(cfg: Config, catalog: Catalog, specs: Sequence[str]) -> dict[str, int]:
