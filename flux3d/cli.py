@@ -118,6 +118,31 @@ def catalog(out: Annotated[Path, typer.Option("--out", help="Parquet file to wri
 
 
 @app.command()
+def render(root: RootOpt = None, config: ConfigOpt = None,
+           views: Annotated[Optional[str], typer.Option(help="View counts of the main, conditioning and curation "
+                                                        "sets, e.g. 150,24,10.")] = None,
+           limit: Annotated[Optional[int], typer.Option(help="Render at most this many assets in this run.")] = None,
+           verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False) -> None:
+    """Render every inspect-ok asset not yet rendered (three view sets, cameras, mesh.ply), resumably."""
+    from flux3d.catalog import Catalog
+    from flux3d.render_run import run_render
+    from flux3d.storage import Storage
+
+    _setup_logging(verbose)
+    counts: dict[str, object] = {}
+    if views is not None:
+        parts = views.split(",")
+        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+            raise typer.BadParameter(f"--views takes three counts like 150,24,10, got {views!r}")
+        counts = dict(zip(("render.views", "render.cond_views", "render.curation_views"), map(int, parts)))
+    cfg = _config(config, root, **counts)
+    storage = Storage(cfg.storage.root)
+    r = run_render(cfg, storage, Catalog(storage), limit=limit)
+    _print_counts(f"render: this run ({r.seconds:.1f} s)", [(r.stage, r.states, r.reasons, [str(r.processed)])],
+                  STATE_COLUMNS, ("processed",))
+
+
+@app.command()
 def demo(root: RootOpt = None, config: ConfigOpt = None) -> None:
     """The main job on procedurally generated assets: ingest + inspect, then the status report."""
     from flux3d.demo import make_demo_assets

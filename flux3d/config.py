@@ -15,6 +15,7 @@ Unknown sections or keys, wrong types and conflicting options raise ValueError (
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -108,6 +109,81 @@ class SourcesConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class RenderConfig:
+    views: int = 150
+    """Views of the main set (`views150/`): features and decoder supervision."""
+    resolution: int = 512
+    """Side in pixels of the main set's square images."""
+    cond_views: int = 24
+    """Views of the conditioning set (`cond24/`)."""
+    cond_resolution: int = 1024
+    """Side in pixels of the conditioning set."""
+    curation_views: int = 10
+    """Views of the curation set (`curation10/`): aesthetic score and texture check."""
+    curation_resolution: int = 512
+    """Side in pixels of the curation set."""
+    radius: float = 2.0
+    """Camera distance from the origin (the scene is normalised to the unit cube)."""
+    fov_deg: float = 40.0
+    """Horizontal (= vertical, square images) field of view."""
+    samples: int = 128
+    """Cycles samples per pixel (TRELLIS: 128)."""
+    denoise: bool = True
+    """Cycles denoiser (OpenImageDenoise on CPU, OptiX's on OptiX devices)."""
+    diffuse_bounces: int = 1
+    """Cycles diffuse bounces (TRELLIS: 1)."""
+    glossy_bounces: int = 1
+    """Cycles glossy bounces (TRELLIS: 1)."""
+    transparent_bounces: int = 3
+    """Cycles transparent bounces (TRELLIS: 3)."""
+    transmission_bounces: int = 3
+    """Cycles transmission bounces (TRELLIS: 3)."""
+    device: str = "auto"
+    """auto (OptiX, else CUDA, else CPU) | optix | cuda | cpu."""
+    threads: int = 0
+    """CPU render threads per asset (0 = Blender's auto: every core)."""
+    workers: int = 1
+    """Assets rendered in parallel, each in its own child process (one Blender session each)."""
+    timeout_s: float = 1800.0
+    """Wall-clock limit per asset (import + all view sets); the child's process group is killed after it."""
+    memory_mb: int | None = 16384
+    """Address-space limit of the child (None = none; CUDA/OptiX reserve huge address ranges: use None on GPU)."""
+    view_transform: str = "Filmic"
+    """Colour management view transform. Filmic is Blender 3.0's default, i.e. what TRELLIS's renders (and its
+    strong lights) were tuned with; Standard blows those lights out, Blender 4.2's default AgX shifts hues. The
+    missing-texture magenta check passes with Filmic and Standard (tests/test_render.py)."""
+    blank_coverage: float = 0.0005
+    """A view whose foreground (alpha > 0.5) covers less than this fraction of the image counts as blank."""
+    contact_sheet_views: int = 8
+    """Main-set views tiled into `contact.png` beside the renders (0 = no sheet)."""
+    save_mesh: bool = True
+    """Write the normalised, triangulated scene as `mesh.ply` (input of voxelization)."""
+
+    def __post_init__(self) -> None:
+        for name in ("views", "cond_views", "curation_views", "samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"render.{name} must be >= 1")
+        for name in ("resolution", "cond_resolution", "curation_resolution"):
+            value = getattr(self, name)
+            if value < 8 or value % 8:
+                raise ValueError(f"render.{name} must be a multiple of 8 (>= 8), got {value}")
+        if not 0 < self.fov_deg < 180:
+            raise ValueError("render.fov_deg must be in (0, 180)")
+        if self.radius <= 0:
+            raise ValueError("render.radius must be > 0")
+        if self.radius <= math.sqrt(3) / 2:
+            raise ValueError("render.radius must exceed the unit cube's half diagonal (0.866): cameras inside it")
+        if self.device not in ("auto", "optix", "cuda", "cpu"):
+            raise ValueError(f"render.device must be auto, optix, cuda or cpu, got {self.device!r}")
+        if self.workers < 1 or self.threads < 0 or self.timeout_s <= 0:
+            raise ValueError("render.workers must be >= 1, render.threads >= 0, render.timeout_s > 0")
+        if min(self.diffuse_bounces, self.glossy_bounces, self.transparent_bounces, self.transmission_bounces) < 0:
+            raise ValueError("render bounces must be >= 0")
+        if not 0 <= self.blank_coverage < 1 or self.contact_sheet_views < 0:
+            raise ValueError("render.blank_coverage must be in [0, 1) and render.contact_sheet_views >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
 class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -115,6 +191,7 @@ class Config:
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     inspect: InspectConfig = field(default_factory=InspectConfig)
     sources: SourcesConfig = field(default_factory=SourcesConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
 
 
 def _check_type(where: str, value: Any, tp: Any) -> Any:

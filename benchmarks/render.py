@@ -1,0 +1,72 @@
+"""Render-stage cost on this machine, and what it projects to for the paper's dataset.
+
+    python benchmarks/render.py [--asset PATH] [--views 4] [--resolution 512] [--samples 128] [--device cpu]
+
+Renders one asset (default: the shared CesiumMan.glb, else a generated textured box) through the real stage
+(`render_asset`: isolated child, one Blender session) with `--views` main views at `--resolution` and one view in
+each of the other two sets, then prints the split: import + scene setup, seconds per view, seconds per asset.
+The projection counts the three sets as 512-px-view equivalents by pixels (150 + 24 x 4 + 10 = 256 per asset;
+184 views) and multiplies by 360K assets and the cores Blender used (Cycles uses every core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from flux3d.config import RenderConfig
+from flux3d.stages.render import render_asset
+from flux3d.storage import Storage
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets" / "good" / "CesiumMan.glb"
+ASSETS = 360_000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--asset", default=str(SHARED) if SHARED.is_file() else None)
+    ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        asset = args.asset
+        if asset is None:
+            from flux3d.demo import _textured_box_glb
+
+            asset = os.path.join(tmp, "box.glb")
+            Path(asset).write_bytes(_textured_box_glb())
+        cfg = RenderConfig(views=args.views, resolution=args.resolution, cond_views=1, cond_resolution=8,
+                           curation_views=1, curation_resolution=8, samples=args.samples, denoise=args.denoise,
+                           device=args.device, timeout_s=3600, memory_mb=None if args.device != "cpu" else 16384,
+                           contact_sheet_views=0)
+        t0 = time.perf_counter()
+        result = render_asset(asset, Path(asset).suffix[1:].lower(), "0" * 64, cfg, Storage(tmp))
+        wall = time.perf_counter() - t0
+        if result.state != "ok":
+            raise SystemExit(f"render failed: {result.reason}: {result.message}")
+        facts = json.loads(Path(tmp, "renders", "0" * 64, "render.json").read_text())
+    main_set = facts["sets"][f"views{args.views}"]
+    per_view = main_set["seconds"] / args.views
+    setup = facts["setup_s"]
+    cores = os.cpu_count() or 1
+    equiv = 150 + 24 * (1024 / args.resolution) ** 2 + 10 * (512 / args.resolution) ** 2
+    per_asset = setup + per_view * equiv
+    print(f"asset {asset}  device {facts['device']}  {args.resolution} px  {args.samples} samples  "
+          f"denoise {args.denoise}  cores {cores}")
+    print(f"child start + bpy import + asset import + scene setup: {setup:.2f} s")
+    print(f"render: {per_view:.2f} s per {args.resolution}-px view ({args.views} views)")
+    print(f"whole call (isolation, validation, publish): {wall:.2f} s")
+    print(f"projected per asset (150 x 512 + 24 x 1024 + 10 x 512 = {equiv:.0f} view equivalents): {per_asset:.0f} s")
+    print(f"projected for {ASSETS:,} assets: {per_asset * ASSETS / 3600:,.0f} machine-hours = "
+          f"{per_asset * ASSETS * cores / 3600:,.0f} CPU-core-hours on {cores}-core machines")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""The Blender side of the render stage: one session per asset (import once, render every view set).
+
+Runs inside an isolated child (`flux3d.stages.render`); `bpy` is imported in the call, never in the forkserver.
+
+Scene, following TRELLIS `dataset_toolkits/blender_script/render.py`:
+
+- Import: glTF with `merge_vertices=True, import_shading='NORMALS'`; OBJ/PLY/STL/FBX/COLLADA/USD through Blender's
+  importers; `.blend` opened with `use_scripts=False` and auto-execution off (no embedded script or driver
+  expression runs). Texture paths the importer could not resolve are looked up like inspect does (`find_file`).
+- Pose: armatures at their rest pose and the scene at frame 0, so animated and skinned assets render, voxelize
+  and encode in one consistent pose.
+- The asset's own cameras and lights are removed and the world is cleared; lighting is TRELLIS's: a 1000 W point
+  light at (4, 1, 6), a 10000 W area light at (0, 0, 10) scaled 100x and a 1000 W area light at (0, 0, -10)
+  (it faces down, as in TRELLIS, so it adds almost nothing).
+- Normalisation: every root object is parented to one empty holding `p' = scale * p + offset`, with scale =
+  1 / longest side of the world bounding box of the evaluated geometry and offset centring it: the scene fits
+  [-0.5, 0.5]^3 with its longest side exactly 1.
+- Cycles, transparent film, RGBA 8-bit PNG, BOX pixel filter of width 1, persistent data between views.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from flux3d.config import RenderConfig
+from flux3d.stages.cameras import frame_record, view_set_cameras
+from flux3d.stages.inspect_common import find_file
+
+_GEOMETRY_TYPES = frozenset({"MESH", "CURVE", "SURFACE", "META", "FONT"})
+LIGHTS = (  # name, type, energy (W), location, scale
+    ("flux3d_point", "POINT", 1000.0, (4.0, 1.0, 6.0), 1.0),
+    ("flux3d_top", "AREA", 10000.0, (0.0, 0.0, 10.0), 100.0),
+    ("flux3d_bottom", "AREA", 1000.0, (0.0, 0.0, -10.0), 1.0),
+)
+
+
+class RenderError(Exception):
+    """An asset-level failure with a stable reason code (becomes `failed:<reason>`)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+def view_sets(cfg: RenderConfig) -> list[tuple[str, int, int]]:
+    """(folder, views, resolution) of the three view sets, in render order."""
+    return [(f"views{cfg.views}", cfg.views, cfg.resolution),
+            (f"cond{cfg.cond_views}", cfg.cond_views, cfg.cond_resolution),
+            (f"curation{cfg.curation_views}", cfg.curation_views, cfg.curation_resolution)]
+
+
+def render_scene(path: str, fmt: str, sha256: str, cfg: RenderConfig, out_dir: str) -> dict[str, Any]:
+    """Import `path`, normalise, render every view set into `out_dir`; returns facts and timings."""
+    t0 = time.perf_counter()
+    import bpy
+
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    bpy.context.preferences.filepaths.use_scripts_auto_execute = False
+    path = os.path.abspath(path)
+    _import(bpy, path, fmt)
+    missing = _resolve_images(bpy, os.path.dirname(path))
+    _prepare_scene(bpy)
+    scale, offset = _normalise(bpy)
+    scene = bpy.context.scene
+    _lights(bpy, scene)
+    device = _cycles(bpy, scene, cfg)
+    cam = _camera(bpy, scene, math.radians(cfg.fov_deg))
+    if cfg.save_mesh:
+        _write_ply(os.path.join(out_dir, "mesh.ply"), *_scene_triangles(bpy))
+    setup_s = time.perf_counter() - t0
+
+    fov = math.radians(cfg.fov_deg)
+    sets = {}
+    from mathutils import Matrix
+
+    for folder, n, res in view_sets(cfg):
+        t1 = time.perf_counter()
+        os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
+        scene.render.resolution_x = scene.render.resolution_y = res
+        frames = []
+        for i, c2w in enumerate(view_set_cameras(sha256, folder, n, cfg.radius)):
+            cam.matrix_world = Matrix(c2w.tolist())
+            name = f"{i:03d}.png"
+            scene.render.filepath = os.path.join(out_dir, folder, name)
+            bpy.ops.render.render(write_still=True)
+            frames.append(frame_record(name, c2w, fov, res, res))
+        transforms = {"aabb": [[-0.5] * 3, [0.5] * 3], "scale": scale, "offset": offset,
+                      "world_up": "+z (Blender)", "frames": frames}
+        with open(os.path.join(out_dir, folder, "transforms.json"), "w") as f:
+            json.dump(transforms, f)
+        sets[folder] = {"views": n, "resolution": res, "seconds": time.perf_counter() - t1}
+    return {"scale": scale, "offset": offset, "device": device, "missing_images": missing,
+            "setup_s": setup_s, "sets": sets}
+
+
+def _import(bpy: Any, path: str, fmt: str) -> None:
+    try:
+        if fmt in ("glb", "gltf"):
+            bpy.ops.import_scene.gltf(filepath=path, merge_vertices=True, import_shading="NORMALS")
+        elif fmt == "obj":
+            bpy.ops.wm.obj_import(filepath=path)
+        elif fmt == "ply":
+            bpy.ops.wm.ply_import(filepath=path)
+        elif fmt == "stl":
+            bpy.ops.wm.stl_import(filepath=path)
+        elif fmt == "fbx":
+            bpy.ops.import_scene.fbx(filepath=path, use_image_search=True)
+        elif fmt == "dae":
+            bpy.ops.wm.collada_import(filepath=path)
+        elif fmt == "blend":
+            bpy.ops.wm.open_mainfile(filepath=path, load_ui=False, use_scripts=False)
+        elif fmt in ("usd", "usda", "usdc", "usdz"):
+            bpy.ops.wm.usd_import(filepath=path)
+        else:
+            raise RenderError("unsupported_format", f"no Blender importer for {fmt!r}")
+    except (MemoryError, RenderError):
+        raise
+    except Exception as e:  # noqa: BLE001 - importers raise RuntimeError, add-ons anything
+        text = str(e).strip()
+        raise RenderError("import_error", f"Blender {fmt} import: {type(e).__name__}: "
+                                          f"{text.splitlines()[-1] if text else ''}") from None
+
+
+def _resolve_images(bpy: Any, asset_dir: str) -> int:
+    """Point image paths the importer left dangling at the file `find_file` finds; returns how many stay missing."""
+    missing = 0
+    for image in bpy.data.images:
+        if image.source != "FILE" or image.packed_file is not None or not image.filepath:
+            continue
+        if os.path.isfile(bpy.path.abspath(image.filepath, library=image.library)):
+            continue
+        found = find_file(image.filepath.removeprefix("//"), [asset_dir])
+        if found is None:
+            missing += 1
+            continue
+        image.filepath = found
+        image.reload()
+    return missing
+
+
+def _prepare_scene(bpy: Any) -> None:
+    for obj in list(bpy.data.objects):
+        if obj.type in ("CAMERA", "LIGHT"):
+            bpy.data.objects.remove(obj, do_unlink=True)
+        elif obj.type == "ARMATURE":
+            obj.data.pose_position = "REST"
+    scene = bpy.context.scene
+    scene.world = None
+    scene.frame_set(0)
+
+
+def _instances(bpy: Any):  # noqa: ANN202 - yields (evaluated object, 4x4 world matrix)
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    for inst in depsgraph.object_instances:
+        obj = inst.object
+        if obj.type in _GEOMETRY_TYPES and not obj.original.hide_render:
+            yield obj, np.array(inst.matrix_world, dtype=np.float64)
+
+
+def _scene_triangles(bpy: Any) -> tuple[np.ndarray, np.ndarray]:
+    """World-space vertices and triangles of every rendered geometry instance (modifiers, instancing applied)."""
+    verts, faces, base = [], [], 0
+    for obj, matrix in _instances(bpy):
+        mesh = obj.to_mesh()
+        try:
+            if mesh is None or not len(mesh.vertices):
+                continue
+            co = np.empty(len(mesh.vertices) * 3, dtype=np.float32)
+            mesh.vertices.foreach_get("co", co)
+            mesh.calc_loop_triangles()
+            tri = np.empty(len(mesh.loop_triangles) * 3, dtype=np.int32)
+            mesh.loop_triangles.foreach_get("vertices", tri)
+        finally:
+            obj.to_mesh_clear()
+        co = co.reshape(-1, 3).astype(np.float64)
+        verts.append(co @ matrix[:3, :3].T + matrix[:3, 3])
+        faces.append(tri.reshape(-1, 3) + base)
+        base += len(co)
+    if not verts:
+        return np.empty((0, 3)), np.empty((0, 3), dtype=np.int64)
+    return np.concatenate(verts), np.concatenate(faces)
+
+
+def _normalise(bpy: Any) -> tuple[float, list[float]]:
+    verts, _ = _scene_triangles(bpy)
+    if not len(verts):
+        raise RenderError("no_geometry", "nothing renderable in the scene")
+    if not np.isfinite(verts).all():
+        raise RenderError("non_finite_geometry", "NaN or Inf vertex positions")
+    lo, hi = verts.min(axis=0), verts.max(axis=0)
+    extent = float((hi - lo).max())
+    if extent <= 0:
+        raise RenderError("degenerate_geometry", "zero-size bounding box")
+    scale = 1.0 / extent
+    offset = (-(lo + hi) / 2 * scale).tolist()
+    pivot = bpy.data.objects.new("flux3d_normalize", None)
+    bpy.context.scene.collection.objects.link(pivot)
+    for obj in bpy.context.scene.objects:
+        if obj.parent is None and obj is not pivot:
+            world = obj.matrix_world.copy()
+            obj.parent = pivot
+            obj.matrix_world = world  # pivot is identity here: keeps the object where it was
+    pivot.scale = (scale, scale, scale)
+    pivot.location = offset
+    bpy.context.view_layer.update()
+    return scale, [float(v) for v in offset]
+
+
+def _lights(bpy: Any, scene: Any) -> None:
+    for name, kind, energy, location, scale in LIGHTS:
+        light = bpy.data.lights.new(name, type=kind)
+        light.energy = energy
+        obj = bpy.data.objects.new(name, light)
+        obj.location = location
+        obj.scale = (scale, scale, scale)
+        scene.collection.objects.link(obj)
+
+
+def _cycles(bpy: Any, scene: Any, cfg: RenderConfig) -> str:
+    scene.render.engine = "CYCLES"
+    c = scene.cycles
+    c.samples = cfg.samples
+    c.use_denoising = cfg.denoise
+    c.pixel_filter_type, c.filter_width = "BOX", 1.0
+    c.diffuse_bounces, c.glossy_bounces = cfg.diffuse_bounces, cfg.glossy_bounces
+    c.transparent_max_bounces, c.transmission_bounces = cfg.transparent_bounces, cfg.transmission_bounces
+    c.max_bounces = max(cfg.diffuse_bounces, cfg.glossy_bounces, cfg.transmission_bounces)
+    r = scene.render
+    r.film_transparent = True
+    r.use_persistent_data = True
+    r.resolution_percentage = 100
+    r.image_settings.file_format, r.image_settings.color_mode, r.image_settings.color_depth = "PNG", "RGBA", "8"
+    if cfg.threads:
+        r.threads_mode, r.threads = "FIXED", cfg.threads
+    scene.view_settings.view_transform = cfg.view_transform
+    return _device(bpy, scene, cfg.device)
+
+
+def _device(bpy: Any, scene: Any, want: str) -> str:
+    scene.cycles.device = "CPU"
+    if want == "cpu":
+        return "cpu"
+    prefs = bpy.context.preferences.addons["cycles"].preferences
+    for kind in ("OPTIX", "CUDA") if want == "auto" else (want.upper(),):
+        try:
+            prefs.compute_device_type = kind
+            prefs.refresh_devices()
+        except Exception:  # noqa: BLE001 - a build without this backend
+            continue
+        devices = [d for d in prefs.devices if d.type == kind]
+        if devices:
+            for d in prefs.devices:
+                d.use = d.type == kind
+            scene.cycles.device = "GPU"
+            if kind == "OPTIX" and scene.cycles.use_denoising:
+                scene.cycles.denoiser = "OPTIX"
+            return kind.lower()
+    if want != "auto":
+        raise RenderError("no_device", f"render.device = {want} but Blender found no {want.upper()} device")
+    return "cpu"
+
+
+def _camera(bpy: Any, scene: Any, fov: float) -> Any:
+    data = bpy.data.cameras.new("flux3d_camera")
+    data.sensor_fit, data.sensor_width = "HORIZONTAL", 32.0
+    data.lens = 16.0 / math.tan(fov / 2)
+    data.clip_start, data.clip_end = 0.01, 100.0
+    cam = bpy.data.objects.new("flux3d_camera", data)
+    scene.collection.objects.link(cam)
+    scene.camera = cam
+    return cam
+
+
+def _write_ply(path: str, verts: np.ndarray, faces: np.ndarray) -> None:
+    """Binary little-endian PLY: float32 x y z, uchar-counted int32 triangles."""
+    header = (f"ply\nformat binary_little_endian 1.0\nelement vertex {len(verts)}\n"
+              "property float x\nproperty float y\nproperty float z\n"
+              f"element face {len(faces)}\nproperty list uchar int vertex_indices\nend_header\n")
+    face_rec = np.empty(len(faces), dtype=[("n", "u1"), ("v", "<i4", 3)])
+    face_rec["n"], face_rec["v"] = 3, faces
+    with open(path, "wb") as f:
+        f.write(header.encode("ascii"))
+        f.write(np.ascontiguousarray(verts, dtype="<f4").tobytes())
+        f.write(face_rec.tobytes())

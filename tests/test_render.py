@@ -1,0 +1,267 @@
+"""Render stage: camera maths, real Blender renders checked geometrically, isolation (timeout, crash), the batch."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+from PIL import Image
+
+from flux3d.catalog import Catalog
+from flux3d.config import Config, RenderConfig, load_config
+from flux3d.demo import _checker, _textured_box_glb
+from flux3d.ingest import ingest
+from flux3d.render_run import run_render
+from flux3d.stages.cameras import GL_TO_CV, project, sphere_hammersley, view_set_cameras
+from flux3d.stages.render import RENDER_COLUMNS, render_asset, render_params, render_views
+from flux3d.storage import TMP_MARK, Storage
+
+SHARED_ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+TINY = dict(views=4, resolution=64, cond_views=2, cond_resolution=64, curation_views=2, curation_resolution=64,
+            samples=4, denoise=False, timeout_s=120.0, contact_sheet_views=4)
+SETS = ("views4", "cond2", "curation2")
+SHA_A, SHA_B = "a" * 64, "b" * 64
+
+
+# -- test hooks: run in the isolated child, so they must be module level ---------------------------------------
+def hang_worker(path: str, fmt: str, sha256: str, cfg: RenderConfig, out_dir: str) -> None:
+    """Spawn a grandchild (as Blender's helpers would), record its pid next to the asset, then never return."""
+    grandchild = subprocess.Popen(["sleep", "600"])
+    with open(path + ".pid", "w") as f:
+        f.write(str(grandchild.pid))
+    time.sleep(600)
+
+
+def crash_worker(path: str, fmt: str, sha256: str, cfg: RenderConfig, out_dir: str) -> None:
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def hang_if_marked(path: str, fmt: str, sha256: str, cfg: RenderConfig, out_dir: str) -> dict:
+    if os.path.exists(path + ".hang"):
+        hang_worker(path, fmt, sha256, cfg, out_dir)
+    return render_views(path, fmt, sha256, cfg, out_dir)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")  # a zombie waiting for init to reap it is gone for our purposes
+
+
+def _wait_gone(pid: int, seconds: float = 5.0) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# -- camera maths (no Blender) ----------------------------------------------------------------------------------
+def test_render_config_validation():
+    RenderConfig(**TINY)
+    for bad in ({"views": 0}, {"cond_views": 0}, {"resolution": 500}, {"cond_resolution": 4}, {"radius": 0.5},
+                {"device": "metal"}, {"fov_deg": 0}, {"samples": 0}):
+        with pytest.raises(ValueError):
+            RenderConfig(**bad)
+    assert load_config(None, {"render.views": 8}).render.views == 8
+    with pytest.raises(ValueError):
+        load_config(None, {"render.bogus": 1})
+
+
+def test_cameras_reproducible_per_asset_and_set():
+    a1, a2 = view_set_cameras(SHA_A, "views150", 150, 2.0), view_set_cameras(SHA_A, "views150", 150, 2.0)
+    b = view_set_cameras(SHA_B, "views150", 150, 2.0)
+    cond = view_set_cameras(SHA_A, "cond24", 24, 2.0)
+    assert all(np.array_equal(x, y) for x, y in zip(a1, a2))
+    assert not np.allclose(a1[0], b[0]) and not np.allclose(a1[0][:3, 3], cond[0][:3, 3])
+    pos = np.array([c[:3, 3] for c in a1])
+    assert np.allclose(np.linalg.norm(pos, axis=1), 2.0)
+    # Every camera looks at the origin (-z axis of the OpenGL camera points at it).
+    assert np.allclose(np.array([-c[:3, 2] for c in a1]), -pos / 2.0)
+    # TRELLIS's remap: about a quarter of the views below the equator.
+    assert 0.2 < (pos[:, 2] < 0).mean() < 0.3
+    yaw, pitch = sphere_hammersley(0, 4, (0.0, 0.0))
+    assert (yaw, pitch) == (0.0, -math.pi / 2)
+
+
+# -- real renders -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def box_render(tmp_path_factory):
+    root = tmp_path_factory.mktemp("render")
+    asset = root / "box.glb"
+    asset.write_bytes(_textured_box_glb())
+    storage = Storage(str(root / "data"))
+    result = render_asset(str(asset), "glb", SHA_A, RenderConfig(**TINY), storage)
+    return result, Path(storage.path("renders", SHA_A)), root
+
+
+def _transforms(render_dir: Path, view_set: str) -> dict:
+    return json.loads((render_dir / view_set / "transforms.json").read_text())
+
+
+def _check_projection(render_dir: Path, points: np.ndarray, tol: float) -> int:
+    """Projected points' 2D box vs the alpha mask's box, every view of every set; returns views checked."""
+    checked = 0
+    for view_set in SETS:
+        for frame in _transforms(render_dir, view_set)["frames"]:
+            alpha = np.asarray(Image.open(render_dir / view_set / frame["file_path"]))[..., 3]
+            h, w = alpha.shape
+            ys, xs = np.nonzero(alpha > 0)
+            uv, depth = project(points, np.array(frame["K"]), np.array(frame["w2c"]))
+            assert (depth > 0).all()
+            lo, hi = np.clip(uv.min(axis=0), 0, [w, h]), np.clip(uv.max(axis=0), 0, [w, h])
+            mask_lo, mask_hi = np.array([xs.min(), ys.min()]), np.array([xs.max() + 1, ys.max() + 1])
+            assert np.abs(lo - mask_lo).max() <= tol and np.abs(hi - mask_hi).max() <= tol, (
+                view_set, frame["file_path"], lo, hi, mask_lo, mask_hi)
+            checked += 1
+    return checked
+
+
+@pytest.mark.integration
+def test_box_render_outputs_and_normalisation(box_render):
+    result, render_dir, _ = box_render
+    assert (result.state, result.reason) == ("ok", ""), result.message
+    assert set(result.columns) == set(RENDER_COLUMNS.names)
+    cols = result.columns
+    assert (cols["num_views"], cols["blank_views"], cols["clipped_views"]) == (8, 0, 0)
+    assert cols["magenta_fraction_max"] < 0.01 and cols["missing_images"] == 0
+    assert cols["render_dir"] == str(render_dir) and cols["render_device"] == "cpu"
+    for view_set, n, res in zip(SETS, (4, 2, 2), (64, 64, 64)):
+        t = _transforms(render_dir, view_set)
+        assert len(t["frames"]) == n and t["aabb"] == [[-0.5] * 3, [0.5] * 3]
+        # One normalisation for every view set, equal to the catalog's.
+        assert t["scale"] == cols["scale"] and t["offset"] == cols["offset"]
+        for frame in t["frames"]:
+            assert Image.open(render_dir / view_set / frame["file_path"]).size == (res, res)
+            assert Image.open(render_dir / view_set / frame["file_path"]).mode == "RGBA"
+    mesh = trimesh.load(render_dir / "mesh.ply", process=False)
+    extent = mesh.bounds[1] - mesh.bounds[0]
+    assert np.isclose(extent.max(), 1.0, atol=1e-5) and np.allclose(mesh.bounds.mean(axis=0), 0, atol=1e-5)
+    assert len(mesh.faces) == 12
+    assert (render_dir / "contact.png").is_file() and (render_dir / "render.json").is_file()
+    assert not any(TMP_MARK in p.name for p in render_dir.parent.iterdir())  # the temp folder was renamed
+
+
+@pytest.mark.integration
+def test_box_projection_matches_alpha_mask(box_render):
+    """The recorded OpenCV K and w2c put the normalised box's 8 corners exactly where Blender drew it."""
+    _, render_dir, _ = box_render
+    mesh = trimesh.load(render_dir / "mesh.ply", process=False)
+    corners = trimesh.bounds.corners(mesh.bounds)
+    assert _check_projection(render_dir, corners, tol=1.0) == 8
+
+
+@pytest.mark.integration
+def test_transforms_conventions_consistent(box_render):
+    _, render_dir, _ = box_render
+    for view_set in SETS:
+        for frame in _transforms(render_dir, view_set)["frames"]:
+            c2w, w2c, K = (np.array(frame[k]) for k in ("transform_matrix", "w2c", "K"))
+            assert np.allclose(w2c @ c2w @ GL_TO_CV, np.eye(4), atol=1e-9)
+            w = 2 * K[0, 2]
+            assert np.isclose(2 * math.atan(w / 2 / K[0, 0]), frame["camera_angle_x"])
+            assert np.isclose(frame["camera_angle_x"], math.radians(40))
+            assert np.isclose(np.linalg.norm(c2w[:3, 3]), 2.0)
+            # The origin projects to the image centre.
+            uv, _ = project(np.zeros((1, 3)), K, w2c)
+            assert np.allclose(uv[0], [K[0, 2], K[1, 2]])
+
+
+@pytest.mark.integration
+def test_missing_texture_measured_as_magenta(tmp_path):
+    obj = trimesh.creation.box(extents=(1, 1, 1)).export(file_type="obj", include_texture=False)
+    (tmp_path / "box.obj").write_text("mtllib box.mtl\nusemtl m\n" + obj)
+    (tmp_path / "box.mtl").write_text("newmtl m\nKd 1 1 1\nmap_Kd textures/gone.png\n")
+    result = render_asset(str(tmp_path / "box.obj"), "obj", SHA_B, RenderConfig(**TINY), Storage(str(tmp_path / "d")))
+    assert result.state == "ok", result.message
+    assert result.columns["missing_images"] == 1
+    assert result.columns["magenta_fraction_max"] > 0.5
+
+
+@pytest.mark.integration
+def test_hanging_render_times_out_and_kills_group(tmp_path):
+    asset = tmp_path / "box.glb"
+    asset.write_bytes(_textured_box_glb())
+    storage = Storage(str(tmp_path / "d"))
+    cfg = RenderConfig(**{**TINY, "timeout_s": 1.5})
+    result = render_asset(str(asset), "glb", SHA_A, cfg, storage, worker=hang_worker)
+    assert (result.state, result.reason) == ("failed", "timeout")
+    pid = int((tmp_path / "box.glb.pid").read_text())
+    assert _wait_gone(pid), f"grandchild {pid} survived the timeout"
+    assert not os.path.exists(storage.path("renders", SHA_A))
+    assert os.listdir(storage.path("renders")) == []  # the temp folder is gone too
+    # The real renderer, cut short: the same outcome.
+    real = render_asset(str(asset), "glb", SHA_A, RenderConfig(**{**TINY, "timeout_s": 0.2}), storage)
+    assert (real.state, real.reason) == ("failed", "timeout")
+
+
+@pytest.mark.integration
+def test_crashing_child_is_blender_crash(tmp_path):
+    asset = tmp_path / "box.glb"
+    asset.write_bytes(_textured_box_glb())
+    result = render_asset(str(asset), "glb", SHA_A, RenderConfig(**TINY), Storage(str(tmp_path / "d")),
+                          worker=crash_worker)
+    assert (result.state, result.reason) == ("failed", "blender_crash")
+    assert "SIGSEGV" in result.message
+
+
+@pytest.mark.integration
+def test_run_render_batch_continues_and_resumes(tmp_path):
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    (assets / "box.glb").write_bytes(_textured_box_glb())
+    tall = trimesh.creation.box(extents=(0.2, 0.2, 3.0))
+    tall.unmerge_vertices()
+    uv = np.tile(np.array([[0, 0], [1, 0], [0, 1]], dtype=np.float64), (len(tall.faces), 1))
+    tall.visual = trimesh.visual.TextureVisuals(uv=uv, image=_checker(seed=3))
+    (assets / "tall.glb").write_bytes(trimesh.Scene(tall).export(file_type="glb"))
+    cfg = load_config(None, {"storage.root": str(tmp_path / "data"), "ingest.batch_size": 1,
+                             **{f"render.{k}": v for k, v in TINY.items()}, "render.timeout_s": 20.0})
+    ingest(cfg, [f"local:{assets}"])
+    storage = Storage(cfg.storage.root)
+    catalog = Catalog(storage)
+    table = catalog.table(["download"], asset_columns=("sha256",))
+    shas = dict(zip(table["sha256"].to_pylist(), table["local_path"].to_pylist()))
+    assert len(shas) == 2
+    hang_sha = next(s for s, p in shas.items() if Path(p).name == "box.glb")
+    Path(shas[hang_sha] + ".hang").touch()
+    cfg.render.timeout_s = 3.0  # params hash ignores the timeout
+    run = run_render(cfg, storage, catalog, worker=hang_if_marked)
+    assert run.processed == 2 and run.states == {"ok": 1, "failed": 1} and run.reasons == {"failed:timeout": 1}
+    res = {r["sha256"]: r for r in catalog.results("render").to_pylist()}
+    assert res[hang_sha]["state"] == "failed" and res[hang_sha]["params"] == render_params(cfg.render)
+    ok_sha = next(s for s in shas if s != hang_sha)
+    assert res[ok_sha]["state"] == "ok" and res[ok_sha]["num_views"] == 8
+    assert np.isclose(res[ok_sha]["scale"], 1 / 3.0)
+    assert os.path.isfile(storage.path("renders", ok_sha, "views4", "transforms.json"))
+    # Resumable: nothing left to do for the same params.
+    assert run_render(cfg, storage, catalog).processed == 0
+
+
+@pytest.mark.integration
+@pytest.mark.shared_assets
+def test_shared_skinned_asset_projection(tmp_path):
+    asset = SHARED_ASSETS / "good" / "CesiumMan.glb"
+    if not asset.is_file():
+        pytest.skip(f"{asset} absent")
+    cfg = RenderConfig(**{**TINY, "resolution": 128, "cond_resolution": 128, "curation_resolution": 128})
+    storage = Storage(str(tmp_path / "d"))
+    result = render_asset(str(asset), "glb", SHA_B, cfg, storage)
+    assert result.state == "ok", result.message
+    assert result.columns["blank_views"] == 0 and result.columns["magenta_fraction_max"] < 0.01
+    render_dir = Path(storage.path("renders", SHA_B))
+    mesh = trimesh.load(render_dir / "mesh.ply", process=False)
+    assert np.isclose((mesh.bounds[1] - mesh.bounds[0]).max(), 1.0, atol=1e-5)
+    assert _check_projection(render_dir, mesh.vertices, tol=2.0) == 8
