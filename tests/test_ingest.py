@@ -94,10 +94,9 @@ def test_sigkill_midway_then_rerun_completes_without_duplicates(tmp_path):
     for i in range(120):
         (assets / f"ring_{i:03d}.stl").write_bytes(src + f"\n{i}".encode())
     args = [sys.executable, "-m", "flux3d.cli", "ingest", "--root", root, "--source", f"local:{assets}"]
-    env = {**os.environ, "FLUX3D_BATCH_SIZE_FOR_TESTS": "1"}
     cfg = tmp_path / "small-batches.toml"
     cfg.write_text("[ingest]\nbatch_size = 4\n[inspect]\nworkers = 1\n")
-    proc = subprocess.Popen(args + ["--config", str(cfg)], env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(args + ["--config", str(cfg)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     inspect_dir = Path(root) / "catalog" / "inspect"
     deadline = time.time() + 120
