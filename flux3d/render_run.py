@@ -7,9 +7,6 @@ it left are swept on the next run (after an hour, so a concurrent worker's in-fl
 
 from __future__ import annotations
 
-import os
-import shutil
-import time
 from collections.abc import Callable
 
 from flux3d.catalog import Catalog, records
@@ -17,24 +14,13 @@ from flux3d.config import Config
 from flux3d.records import AssetRecord, StageResult
 from flux3d.runner import StageRun, run_stage
 from flux3d.stages.render import RENDER_COLUMNS, render_asset, render_params, render_views
-from flux3d.storage import TMP_MARK, Storage
-
-
-def _sweep_render_tmp(storage: Storage, min_age_s: float = 3600.0) -> None:
-    base = storage.local_dir("renders")
-    if not os.path.isdir(base):
-        return
-    now = time.time()
-    for name in os.listdir(base):
-        p = os.path.join(base, name)
-        if name.startswith(TMP_MARK) and now - os.path.getmtime(p) >= min_age_s:
-            shutil.rmtree(p, ignore_errors=True)
+from flux3d.storage import Storage
 
 
 def run_render(cfg: Config, storage: Storage, catalog: Catalog, limit: int | None = None,
                worker: Callable = render_views) -> StageRun:
     """Render up to `limit` pending assets (None = all). `worker` is the child's work (a test hook)."""
-    _sweep_render_tmp(storage)
+    storage.sweep_tmp("renders")  # unfinished render folders of killed workers
     params = render_params(cfg.render)
     todo = catalog.todo("render", params, after=["download", "inspect"], result_columns=("state", "local_path"),
                         asset_columns=("source", "file_identifier", "sha256", "format"))

@@ -97,19 +97,25 @@ class Storage:
             self.fs.mv(tmp, final)
 
     def sweep_tmp(self, rel: str, min_age_s: float = 3600.0) -> int:
-        """Remove temporary files a killed writer left under a folder. Returns how many were removed.
+        """Remove temporary files and folders (a half-extracted archive, an unfinished render) that a killed writer
+        left under a folder. Returns how many were removed.
 
-        Only files older than `min_age_s` go: a concurrent writer's in-flight temporary file must survive.
+        Only entries older than `min_age_s` go: a concurrent writer's in-flight temporary must survive.
         """
         base = self.path(rel)
         if not self.fs.exists(base):
             return 0
         now = time.time()
-        stale = [p for p, info in self.fs.find(base, withdirs=False, detail=True).items()
-                 if TMP_MARK in posixpath.basename(p) and now - _mtime(info) >= min_age_s]
+        stale = sorted(p for p, info in self.fs.find(base, withdirs=True, detail=True).items()
+                       if TMP_MARK in posixpath.basename(p.rstrip("/")) and now - _mtime(info) >= min_age_s)
+        removed = []
         for p in stale:
+            if any(p.startswith(r.rstrip("/") + "/") for r in removed):
+                continue  # inside a temporary folder already removed
             with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(p)
+                self.fs.rm(p, recursive=True)
+            removed.append(p)
+        stale = removed
         return len(stale)
 
     def local_dir(self, rel: str) -> str:

@@ -102,6 +102,14 @@ def test_readers_ignore_partial_files_and_sweep_removes_stale_ones(tmp_path):
     old = time.time() - 7200
     os.utime(stale, (old, old))
     assert storage.sweep_tmp("catalog") == 1 and not stale.exists()
+    # A folder a killed writer left (half-extracted archive, unfinished render) goes whole.
+    half = tmp_path / "raw" / "archives" / f"abc{TMP_MARK}1234"
+    (half / "repo" / "models").mkdir(parents=True)
+    (half / "repo" / "models" / "a.stl").write_bytes(b"x")
+    for p in (half, half / "repo", half / "repo" / "models", half / "repo" / "models" / "a.stl"):
+        os.utime(p, (old, old))
+    assert storage.sweep_tmp("raw") == 1 and not half.exists()
+    assert (tmp_path / "raw" / "archives").is_dir()
 
 
 def test_catalog_on_an_fsspec_url():
