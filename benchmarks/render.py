@@ -1,12 +1,14 @@
 """Render-stage cost on this machine, and what it projects to for the paper's dataset.
 
     python benchmarks/render.py [--asset PATH] [--views 4] [--resolution 512] [--samples 128] [--device cpu]
+                                [--passes depth] [--pass-overhead]
 
 Renders one asset (default: the shared CesiumMan.glb, else a generated textured box) through the real stage
 (`render_asset`: isolated child, one Blender session) with `--views` main views at `--resolution` and one view in
 each of the other two sets, then prints the split: import + scene setup, seconds per view, seconds per asset.
 The projection counts the three sets as 512-px-view equivalents by pixels (150 + 24 x 4 + 10 = 256 per asset;
 184 views) and multiplies by 360K assets and the cores Blender used (Cycles uses every core).
+`--pass-overhead` renders the asset a second time without the depth/normal passes and prints the ratio.
 """
 
 from __future__ import annotations
@@ -26,6 +28,16 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets" / "good" / "C
 ASSETS = 360_000
 
 
+def _render(asset: str, cfg: RenderConfig) -> tuple[dict, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        result = render_asset(asset, Path(asset).suffix[1:].lower(), "0" * 64, cfg, Storage(tmp))
+        wall = time.perf_counter() - t0
+        if result.state != "ok":
+            raise SystemExit(f"render failed: {result.reason}: {result.message}")
+        return json.loads(Path(tmp, "renders", "0" * 64, "render.json").read_text()), wall
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--asset", default=str(SHARED) if SHARED.is_file() else None)
@@ -34,7 +46,10 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--passes", default="depth", help="comma-separated main-set passes ('' = none)")
+    ap.add_argument("--pass-overhead", action="store_true")
     args = ap.parse_args()
+    passes = [p for p in args.passes.split(",") if p]
     with tempfile.TemporaryDirectory() as tmp:
         asset = args.asset
         if asset is None:
@@ -45,13 +60,11 @@ def main() -> None:
         cfg = RenderConfig(views=args.views, resolution=args.resolution, cond_views=1, cond_resolution=8,
                            curation_views=1, curation_resolution=8, samples=args.samples, denoise=args.denoise,
                            device=args.device, timeout_s=3600, memory_mb=None if args.device != "cpu" else 16384,
-                           contact_sheet_views=0)
-        t0 = time.perf_counter()
-        result = render_asset(asset, Path(asset).suffix[1:].lower(), "0" * 64, cfg, Storage(tmp))
-        wall = time.perf_counter() - t0
-        if result.state != "ok":
-            raise SystemExit(f"render failed: {result.reason}: {result.message}")
-        facts = json.loads(Path(tmp, "renders", "0" * 64, "render.json").read_text())
+                           contact_sheet_views=0, passes=passes)
+        facts, wall = _render(asset, cfg)
+        if args.pass_overhead:
+            cfg.passes = []
+            bare, _ = _render(asset, cfg)
     main_set = facts["sets"][f"views{args.views}"]
     per_view = main_set["seconds"] / args.views
     setup = facts["setup_s"]
@@ -61,7 +74,10 @@ def main() -> None:
     print(f"asset {asset}  device {facts['device']}  {args.resolution} px  {args.samples} samples  "
           f"denoise {args.denoise}  cores {cores}")
     print(f"child start + bpy import + asset import + scene setup: {setup:.2f} s")
-    print(f"render: {per_view:.2f} s per {args.resolution}-px view ({args.views} views)")
+    print(f"render: {per_view:.2f} s per {args.resolution}-px view ({args.views} views, passes {passes or 'none'})")
+    if args.pass_overhead:
+        bare_view = bare["sets"][f"views{args.views}"]["seconds"] / args.views
+        print(f"without passes: {bare_view:.2f} s per view; passes cost x{per_view / bare_view:.3f}")
     print(f"whole call (isolation, validation, publish): {wall:.2f} s")
     print(f"projected per asset (150 x 512 + 24 x 1024 + 10 x 512 = {equiv:.0f} view equivalents): {per_asset:.0f} s")
     print(f"projected for {ASSETS:,} assets: {per_asset * ASSETS / 3600:,.0f} machine-hours = "

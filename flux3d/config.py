@@ -158,6 +158,9 @@ class RenderConfig:
     """Main-set views tiled into `contact.png` beside the renders (0 = no sheet)."""
     save_mesh: bool = True
     """Write the normalised, triangulated scene as `mesh.ply` (input of voxelization)."""
+    passes: list[str] = field(default_factory=lambda: ["depth"])
+    """Extra per-view passes of the main set: `depth` (`NNN_depth.png`, 16-bit camera-axis depth, input of the
+    visibility-weighted feature average) and `normal` (`NNN_normal.png`, world-space normals). Main set only."""
 
     def __post_init__(self) -> None:
         for name in ("views", "cond_views", "curation_views", "samples"):
@@ -179,6 +182,8 @@ class RenderConfig:
             raise ValueError("render.workers must be >= 1, render.threads >= 0, render.timeout_s > 0")
         if min(self.diffuse_bounces, self.glossy_bounces, self.transparent_bounces, self.transmission_bounces) < 0:
             raise ValueError("render bounces must be >= 0")
+        if set(self.passes) - {"depth", "normal"}:
+            raise ValueError(f"render.passes may hold depth and normal, got {self.passes}")
         if not 0 <= self.blank_coverage < 1 or self.contact_sheet_views < 0:
             raise ValueError("render.blank_coverage must be in [0, 1) and render.contact_sheet_views >= 0")
 

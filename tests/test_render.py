@@ -103,7 +103,8 @@ def box_render(tmp_path_factory):
     asset = root / "box.glb"
     asset.write_bytes(_textured_box_glb())
     storage = Storage(str(root / "data"))
-    result = render_asset(str(asset), "glb", SHA_A, RenderConfig(**TINY), storage)
+    cfg = RenderConfig(**TINY, passes=["depth", "normal"])
+    result = render_asset(str(asset), "glb", SHA_A, cfg, storage)
     return result, Path(storage.path("renders", SHA_A)), root
 
 
@@ -161,6 +162,35 @@ def test_box_projection_matches_alpha_mask(box_render):
     mesh = trimesh.load(render_dir / "mesh.ply", process=False)
     corners = trimesh.bounds.corners(mesh.bounds)
     assert _check_projection(render_dir, corners, tol=1.0) == 8
+
+
+@pytest.mark.integration
+def test_depth_and_normal_passes_land_on_the_box(box_render):
+    """Back-projecting every depth pixel with the recorded K and w2c lands on the normalised box's surface, and
+    the normal pass there is that face's outward normal; the passes exist for the main set only."""
+    _, render_dir, _ = box_render
+    lo, hi = trimesh.load(render_dir / "mesh.ply", process=False).bounds
+    t = _transforms(render_dir, "views4")
+    assert t["passes"] == ["depth", "normal"] and not list((render_dir / "cond2").glob("*_depth.png"))
+    for frame in t["frames"]:
+        stem = render_dir / "views4" / frame["file_path"].removesuffix(".png")
+        q = np.asarray(Image.open(f"{stem}_depth.png"))
+        assert q.dtype == np.uint16
+        alpha = np.asarray(Image.open(f"{stem}.png"))[..., 3]
+        hit = q > 0
+        assert (hit != (alpha > 127)).mean() < 0.03  # they differ at anti-aliased edge pixels only
+        ys, xs = np.nonzero(hit)
+        z = q[ys, xs] / t["depth_scale"]
+        pix = np.stack([xs + 0.5, ys + 0.5, np.ones_like(z)], axis=1)
+        cam = (np.linalg.inv(np.array(frame["K"])) @ pix.T).T * z[:, None]
+        world = (np.linalg.inv(np.array(frame["w2c"])) @ np.c_[cam, np.ones(len(z))].T).T[:, :3]
+        to_face = np.concatenate([np.abs(world - lo), np.abs(world - hi)], axis=1)  # per point: 6 face distances
+        assert to_face.min(axis=1).max() < 1e-3  # measured: 2e-5, the uint16 step is 4e-5
+        face = to_face.argmin(axis=1)
+        expected = np.zeros((len(z), 3))
+        expected[np.arange(len(z)), face % 3] = np.where(face < 3, -1.0, 1.0)
+        normal = np.asarray(Image.open(f"{stem}_normal.png"))[ys, xs] / 127.5 - 1
+        assert np.median((normal * expected).sum(axis=1)) > 0.99
 
 
 @pytest.mark.integration
@@ -265,3 +295,57 @@ def test_shared_skinned_asset_projection(tmp_path):
     mesh = trimesh.load(render_dir / "mesh.ply", process=False)
     assert np.isclose((mesh.bounds[1] - mesh.bounds[0]).max(), 1.0, atol=1e-5)
     assert _check_projection(render_dir, mesh.vertices, tol=2.0) == 8
+
+
+@pytest.mark.integration
+def test_object_store_root_publishes_complete_render(tmp_path, monkeypatch):
+    """A render to an fsspec root (memory://, the same code path as s3://) lands whole under renders/<sha>/, and
+    a re-render with other settings replaces it, leaving no file of the old one."""
+    monkeypatch.setenv("FLUX3D_LOCAL_CACHE", str(tmp_path / "cache"))
+    asset = tmp_path / "box.glb"
+    asset.write_bytes(_textured_box_glb())
+    storage = Storage(f"memory://flux3d-{tmp_path.name}/data")
+    first = render_asset(str(asset), "glb", SHA_A, RenderConfig(**TINY), storage)
+    assert first.state == "ok", first.message
+    final = storage.path("renders", SHA_A)
+    names = {p.removeprefix(final + "/") for p in storage.fs.find(final)}
+    expected = {"mesh.ply", "contact.png", "render.json"} | {f"{s}/transforms.json" for s in SETS} | {
+        f"{s}/{i:03d}.png" for s, n in zip(SETS, (4, 2, 2)) for i in range(n)} | {
+        f"views4/{i:03d}_depth.png" for i in range(4)}
+    assert names == expected
+    facts = json.loads(storage.read_bytes(f"renders/{SHA_A}/render.json"))
+    assert facts["scale"] == first.columns["scale"] and first.columns["render_dir"] == final
+    second = render_asset(str(asset), "glb", SHA_A, RenderConfig(**{**TINY, "views": 3, "passes": []}), storage)
+    assert second.state == "ok"
+    names = {p.removeprefix(final + "/") for p in storage.fs.find(final)}
+    assert "views3/002.png" in names and not any(n.startswith("views4/") for n in names)
+    assert not os.listdir(tmp_path / "cache" / "renders")  # the local scratch folders are gone
+
+
+@pytest.mark.integration
+def test_cli_render_limit_resume_and_status(tmp_path):
+    """`flux3d render` over the demo assets: --limit renders part, the next run the rest, the third nothing."""
+    from flux3d.demo import make_demo_assets
+    from tests.test_ingest import flux3d
+
+    assets, root = tmp_path / "assets", str(tmp_path / "root")
+    make_demo_assets(str(assets))
+    config = tmp_path / "tiny.toml"
+    config.write_text("[render]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in TINY.items()))
+    flux3d("ingest", "--root", root, "--source", f"local:{assets}")
+
+    def run(*extra: str) -> list[str]:  # the table row: stage, ok, skipped, rejected, failed, processed
+        out = flux3d("render", "--root", root, "--config", str(config), "--views", "4,2,2", *extra).stdout
+        return next(line.split("│")[1:-1] for line in out.splitlines() if line.startswith("│ render"))
+
+    assert [c.strip() for c in run("--limit", "1")] == ["render", "1", "0", "0", "0", "1"]
+    # The three inspect-ok demo assets, one already done; then nothing is left.
+    assert [c.strip() for c in run()] == ["render", "2", "0", "0", "0", "2"]
+    assert [c.strip() for c in run()] == ["render", "0", "0", "0", "0", "0"]
+    report = json.loads(flux3d("status", "--root", root, "--json").stdout)
+    assert report["stages"]["render"]["states"]["ok"] == 3
+    for row in Catalog(Storage(root)).results("render").to_pylist():
+        frames = json.loads((Path(row["render_dir"]) / "views4" / "transforms.json").read_text())["frames"]
+        assert len(frames) == 4 and row["num_views"] == 8 and row["blank_views"] == 0
+    bad = flux3d("render", "--root", root, "--views", "4,2", check=False)
+    assert bad.returncode != 0 and "three counts" in bad.stderr

@@ -16,6 +16,11 @@ Scene, following TRELLIS `dataset_toolkits/blender_script/render.py`:
   1 / longest side of the world bounding box of the evaluated geometry and offset centring it: the scene fits
   [-0.5, 0.5]^3 with its longest side exactly 1.
 - Cycles, transparent film, RGBA 8-bit PNG, BOX pixel filter of width 1, persistent data between views.
+- Passes (main set only, `render.passes`): the compositor's File Output node writes Cycles' Depth and Normal
+  passes as float EXR beside each view; they are read back through Blender's own EXR loader (no EXR library
+  needed outside Blender) and stored as `NNN_depth.png` (uint16, camera-axis z = value / `depth_scale`, 0 = no
+  surface) and `NNN_normal.png` (RGB8, world-space normal n = value / 127.5 - 1, (128, 128, 128) = no surface).
+  Cycles' depth is the planar distance along the view axis, i.e. OpenCV z, not the ray length.
 """
 
 from __future__ import annotations
@@ -79,10 +84,14 @@ def render_scene(path: str, fmt: str, sha256: str, cfg: RenderConfig, out_dir: s
     sets = {}
     from mathutils import Matrix
 
-    for folder, n, res in view_sets(cfg):
+    pass_dir = os.path.join(out_dir, ".passes")
+    passes = _pass_outputs(bpy, scene, cfg.passes, pass_dir)
+    depth_scale = depth_scale_for(cfg.radius)
+    for k, (folder, n, res) in enumerate(view_sets(cfg)):
         t1 = time.perf_counter()
         os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
         scene.render.resolution_x = scene.render.resolution_y = res
+        scene.use_nodes = bool(passes) and k == 0  # the compositor only runs where passes are wanted
         frames = []
         for i, c2w in enumerate(view_set_cameras(sha256, folder, n, cfg.radius)):
             cam.matrix_world = Matrix(c2w.tolist())
@@ -90,13 +99,74 @@ def render_scene(path: str, fmt: str, sha256: str, cfg: RenderConfig, out_dir: s
             scene.render.filepath = os.path.join(out_dir, folder, name)
             bpy.ops.render.render(write_still=True)
             frames.append(frame_record(name, c2w, fov, res, res))
+            if scene.use_nodes:
+                _store_passes(bpy, pass_dir, os.path.join(out_dir, folder, f"{i:03d}"), depth_scale)
         transforms = {"aabb": [[-0.5] * 3, [0.5] * 3], "scale": scale, "offset": offset,
                       "world_up": "+z (Blender)", "frames": frames}
+        if scene.use_nodes:
+            transforms.update(passes=sorted(passes), depth_scale=depth_scale)
         with open(os.path.join(out_dir, folder, "transforms.json"), "w") as f:
             json.dump(transforms, f)
         sets[folder] = {"views": n, "resolution": res, "seconds": time.perf_counter() - t1}
+    if passes:
+        os.rmdir(pass_dir)
     return {"scale": scale, "offset": offset, "device": device, "missing_images": missing,
             "setup_s": setup_s, "sets": sets}
+
+
+def depth_scale_for(radius: float) -> int:
+    """uint16 steps per scene unit of `NNN_depth.png`: the farthest surface point (radius + the unit cube's half
+    diagonal) still fits in 16 bits; at radius 2 one step is 4.4e-5, far below a 64^3 voxel (1.6e-2)."""
+    return int(65535 // (radius + math.sqrt(3) / 2))
+
+
+def _pass_outputs(bpy: Any, scene: Any, passes: list[str], pass_dir: str) -> list[str]:
+    """Compositor graph: render layer -> Composite (the PNG) and -> File Output (one float EXR per pass)."""
+    if not passes:
+        return []
+    layer = scene.view_layers[0]
+    layer.use_pass_z = "depth" in passes
+    layer.use_pass_normal = "normal" in passes
+    scene.use_nodes = True
+    tree = scene.node_tree
+    for node in list(tree.nodes):
+        tree.nodes.remove(node)
+    src = tree.nodes.new("CompositorNodeRLayers")
+    tree.links.new(src.outputs["Image"], tree.nodes.new("CompositorNodeComposite").inputs["Image"])
+    out = tree.nodes.new("CompositorNodeOutputFile")
+    out.base_path = pass_dir
+    out.format.file_format, out.format.color_depth, out.format.exr_codec = "OPEN_EXR", "32", "NONE"
+    out.file_slots.clear()
+    for name in passes:
+        out.file_slots.new(name)
+        tree.links.new(src.outputs["Depth" if name == "depth" else "Normal"], out.inputs[name])
+    return list(passes)
+
+
+def _store_passes(bpy: Any, pass_dir: str, stem: str, depth_scale: int) -> None:
+    """Convert the File Output node's EXRs of the view just rendered to compact PNGs next to it."""
+    from PIL import Image
+
+    for exr in sorted(os.listdir(pass_dir)):
+        name = "depth" if exr.startswith("depth") else "normal"  # the node appends the frame: depth0000.exr
+        image = bpy.data.images.load(os.path.join(pass_dir, exr))
+        try:
+            w, h = image.size
+            px = np.empty(w * h * image.channels, dtype=np.float32)
+            image.pixels.foreach_get(px)
+        finally:
+            bpy.data.images.remove(image)
+        os.remove(os.path.join(pass_dir, exr))
+        px = px.reshape(h, w, -1)[::-1]  # Blender's pixel rows run bottom-up
+        if name == "depth":
+            z = px[..., 0]
+            hit = z < 1e9  # Cycles writes 1e10 where a pixel sees no surface
+            q = np.where(hit, np.clip(np.rint(z * depth_scale), 1, 65535), 0).astype(np.uint16)
+            Image.fromarray(q).save(f"{stem}_depth.png")  # PIL stores uint16 as a 16-bit greyscale PNG
+        else:
+            n = px[..., :3]
+            q = np.clip(np.rint((n + 1.0) * 127.5), 0, 255).astype(np.uint8)
+            Image.fromarray(q).save(f"{stem}_normal.png")
 
 
 def _import(bpy: Any, path: str, fmt: str) -> None:

@@ -1,8 +1,10 @@
 """Render stage: three view sets, their cameras and the normalised mesh of one asset, from one Blender session.
 
-Output, `renders/<sha>/` (appears complete or not at all: rendered into a temporary sibling, then renamed):
+Output, `renders/<sha>/` (on local disk it appears complete or not at all: rendered into a temporary sibling,
+then renamed; on an object store `render.json` is uploaded last):
 
     views150/000.png ...  transforms.json      main set (count and resolution from `[render]`)
+    views150/000_depth.png, 000_normal.png     main-set passes (`render.passes`; see blender_render.py)
     cond24/...            transforms.json      conditioning set
     curation10/...        transforms.json      curation set
     mesh.ply                                   the normalised scene, triangulated (input of voxelization)
@@ -192,10 +194,11 @@ def _publish(storage: Storage, work: str, final_rel: str) -> None:
         if old:
             shutil.rmtree(old, ignore_errors=True)
         return
-    # Object store (UNTESTED): upload under a temporary prefix, then move it into place. A prefix move is not
-    # atomic there; readers should trust only renders the catalog lists as ok.
-    tmp = storage.tmp_sibling(final)
-    storage.fs.put(work.rstrip("/") + "/", tmp, recursive=True)
+    # Object store: a prefix cannot be renamed atomically (a "move" copies every object), so upload straight into
+    # place with `render.json` last as the completion marker. Readers go by the catalog, which lists the render
+    # as ok only after this returns; an upload cut short is overwritten by the next attempt.
     if storage.fs.exists(final):
         storage.fs.rm(final, recursive=True)
-    storage.fs.mv(tmp, final, recursive=True)
+    files = sorted(os.path.relpath(os.path.join(d, f), work) for d, _, names in os.walk(work) for f in names)
+    for rel in sorted(files, key=lambda r: r == "render.json"):
+        storage.fs.put_file(os.path.join(work, rel), f"{final}/{rel}")
