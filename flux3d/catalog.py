@@ -32,7 +32,7 @@ from flux3d.records import FAILED, OK, REJECTED, SKIPPED, AssetRecord, StageResu
 from flux3d.storage import Storage
 
 # Known stages in pipeline order; the order of columns and of `status`. Stages not listed come after, sorted.
-STAGE_ORDER = ("download", "inspect", "render", "curate", "voxelize", "encode", "shard")
+STAGE_ORDER = ("download", "inspect", "render", "score", "curate", "voxelize", "encode", "shard")
 ASSET_KEY_STAGES = ("download",)  # stages keyed by asset_id; all others are keyed by content sha256
 RESULT_FIELDS = ("state", "reason", "message", "params", "seconds", "retryable")
 
@@ -65,7 +65,13 @@ def result_schema(stage: str, columns: pa.Schema | None = None) -> pa.Schema:
         ("retryable", pa.bool_()),
         ("finished_at", pa.timestamp("us", tz="UTC")),
     ]
-    return pa.schema(base + (list(columns) if columns is not None else []))
+    own = list(columns) if columns is not None else []
+    # The merged table prefixes result fields with the stage (render_seconds): a stage column of that name
+    # would collide there.
+    clash = {f.name for f in own} & {f"{stage}_{name}" for name, _ in base}
+    if clash:
+        raise ValueError(f"stage {stage} columns {sorted(clash)} collide with the merged table's result fields")
+    return pa.schema(base + own)
 
 
 def stage_key(stage: str) -> str:

@@ -143,6 +143,28 @@ def render(root: RootOpt = None, config: ConfigOpt = None,
 
 
 @app.command()
+def curate(root: RootOpt = None, config: ConfigOpt = None,
+           limit: Annotated[Optional[int], typer.Option(help="Score and decide at most this many assets.")] = None,
+           report: Annotated[bool, typer.Option(help="Rewrite reports/curation/ afterwards.")] = True,
+           verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False) -> None:
+    """Aesthetic + texture scores for every rendered asset, then keep/reject decisions and the curation report."""
+    from flux3d.catalog import Catalog
+    from flux3d.curate_run import curate as run_curate
+    from flux3d.storage import Storage
+
+    _setup_logging(verbose)
+    cfg = _config(config, root)
+    storage = Storage(cfg.storage.root)
+    scored, decided, summary = run_curate(cfg, storage, Catalog(storage), limit=limit, report=report)
+    rows = [(r.stage, r.states, r.reasons, [str(r.processed), f"{r.per_second:.1f}"]) for r in (scored, decided)]
+    _print_counts(f"curate: this run ({scored.seconds + decided.seconds:.1f} s)", rows, STATE_COLUMNS,
+                  ("processed", "assets/s"))
+    if summary is not None:
+        typer.echo(f"{summary['kept']} of {summary['assets']} assets kept; report: "
+                   f"{storage.path('reports', 'curation', 'report.md')}")
+
+
+@app.command()
 def demo(root: RootOpt = None, config: ConfigOpt = None) -> None:
     """The main job on procedurally generated assets: ingest + inspect, then the status report."""
     from flux3d.demo import make_demo_assets

@@ -189,6 +189,89 @@ class RenderConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class CurateConfig:
+    clip_model: str = "ViT-L-14-quickgelu"
+    """open_clip architecture of the aesthetic scorer (the LAION head expects OpenAI ViT-L/14's 768-d embedding;
+    OpenAI's weights were trained with QuickGELU, hence the -quickgelu variant)."""
+    clip_pretrained: str = "openai"
+    """open_clip pretrained tag (downloads when online) or a local checkpoint path (offline clusters)."""
+    clip_model_config: str = ""
+    """Optional JSON file registering a custom open_clip architecture named `clip_model` (tests: a tiny ViT)."""
+    aesthetic_head: str = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                           "sac+logos+ava1-l14-linearMSE.pth")
+    """The LAION improved-aesthetic-predictor head: a local file or an http(s) URL (fetched once into
+    FLUX3D_WEIGHTS_CACHE, default ~/.cache/flux3d); a torch state dict loaded with weights_only."""
+    background: str = "white"
+    """Background composited under the transparent renders before scoring and judging: white | black | grey."""
+    batch_size: int = 64
+    """Images per scorer forward pass (10 curation views per asset)."""
+    device: str = "auto"
+    """auto (cuda if available) | cpu | cuda."""
+    magenta_max: float = 0.02
+    """Reject when more than this fraction of the object's pixels (all curation views) is missing-texture magenta."""
+    flat_max: float = 0.8
+    """Reject when more than this fraction of the object's interior pixels is plain untextured paint (see
+    curation/heuristic.py for how 0.8 was measured)."""
+    use_inspect_flag: bool = True
+    """Reject assets whose referenced image files are absent (inspect's `missing_textures`, render's
+    `missing_images`)."""
+    aesthetic_threshold: float = 4.5
+    """Minimum mean aesthetic score for sources not listed in `aesthetic_thresholds` (TRELLIS: 4.5)."""
+    aesthetic_thresholds: dict[str, float] = field(
+        default_factory=lambda: {"objaverse": 5.5, "objaverse-xl": 5.5})
+    """Per-source minimum, matched on the source name, then on its prefix before ':' (TRELLIS: 5.5 for all of
+    Objaverse-XL, whose Sketchfab part is Objaverse 1.0)."""
+    texture_rule: str = "auto"
+    """How the two texture checks combine: heuristic_or_vlm (either rejects), heuristic_and_vlm (the VLM must confirm
+    a heuristic flag), vlm (the heuristic is recorded only), heuristic (no VLM calls); auto = heuristic_or_vlm when
+    `vlm.endpoint` is set, else heuristic."""
+    report_samples: int = 8
+    """Rejected assets shown per reason in the report's contact sheets."""
+
+    def __post_init__(self) -> None:
+        if self.background not in ("white", "black", "grey"):
+            raise ValueError(f"curate.background must be white, black or grey, got {self.background!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"curate.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.texture_rule not in ("auto", "heuristic_or_vlm", "heuristic_and_vlm", "vlm", "heuristic"):
+            raise ValueError(f"curate.texture_rule: unknown rule {self.texture_rule!r}")
+        if self.batch_size < 1 or not 0 <= self.magenta_max <= 1 or not 0 <= self.flat_max <= 1:
+            raise ValueError("curate.batch_size must be >= 1 and magenta_max, flat_max in [0, 1]")
+
+
+@dataclass(kw_only=True, slots=True)
+class VLMConfig:
+    endpoint: str = ""
+    """OpenAI-compatible API base URL, e.g. http://vlm-host:8000/v1 (vLLM, SGLang, TGI, Ollama); "" = no VLM judge
+    (then `curate.texture_rule` must be `heuristic`)."""
+    model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
+    """Model name sent in each request (what the server serves)."""
+    api_key_env: str = "FLUX3D_VLM_API_KEY"
+    """Environment variable holding the bearer token, if the server wants one."""
+    timeout_s: float = 60.0
+    """Per-request read timeout."""
+    connect_timeout_s: float = 5.0
+    max_attempts: int = 4
+    """Attempts per asset on timeouts, connection errors, 429 and 5xx (exponential backoff between them)."""
+    parse_attempts: int = 2
+    """Requests per asset while answers do not parse; then `failed:vlm_unparseable`."""
+    backoff_s: float = 1.0
+    concurrency: int = 8
+    """Requests in flight (the server batches them)."""
+    views: int = 6
+    """Curation views tiled into the grid the judge sees."""
+    tile: int = 256
+    """Side in pixels of one view in the grid."""
+    max_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.parse_attempts < 1 or self.concurrency < 1 or self.views < 1:
+            raise ValueError("vlm.max_attempts, parse_attempts, concurrency and views must be >= 1")
+        if self.timeout_s <= 0 or self.connect_timeout_s <= 0 or self.tile < 32:
+            raise ValueError("vlm timeouts must be > 0 and vlm.tile >= 32")
+
+
+@dataclass(kw_only=True, slots=True)
 class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -197,6 +280,14 @@ class Config:
     inspect: InspectConfig = field(default_factory=InspectConfig)
     sources: SourcesConfig = field(default_factory=SourcesConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    vlm: VLMConfig = field(default_factory=VLMConfig)
+
+    def __post_init__(self) -> None:
+        if not self.vlm.endpoint and self.curate.texture_rule not in ("auto", "heuristic"):
+            # Without this a run would mark every candidate failed:vlm_unreachable instead of saying why up front.
+            raise ValueError(f"curate.texture_rule = {self.curate.texture_rule} needs a VLM: set vlm.endpoint, or "
+                             "texture_rule = \"heuristic\"")
 
 
 def _check_type(where: str, value: Any, tp: Any) -> Any:
@@ -214,6 +305,12 @@ def _check_type(where: str, value: Any, tp: Any) -> Any:
             except ValueError as e:
                 errors.append(str(e))
         raise ValueError(f"{where}: {value!r} matches none of {tp}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a table, got {value!r}")
+        key_tp, item_tp = typing.get_args(tp)
+        return {_check_type(f"{where} key", k, key_tp): _check_type(f"{where}.{k}", v, item_tp)
+                for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ValueError(f"{where}: expected a list, got {value!r}")

@@ -7,6 +7,7 @@ one record of progress whichever ran the work.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -82,5 +83,22 @@ def run_stage(stage: str, fn: Callable[[T], StageResult], items: Iterable[T], *,
     if buffer:
         commit(buffer)
         run.add(buffer)
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+def run_batched(stage: str, fn: Callable[[list[T]], list[StageResult]], items: Iterable[T], *, batch_size: int,
+                commit: Callable[[list[StageResult]], object]) -> StageRun:
+    """Like `run_stage` for work that is batched by nature (a model's forward pass over many assets): `fn` takes
+    `batch_size` items and returns one result per item; each batch is committed as it completes."""
+    run = StageRun(stage)
+    t0 = time.perf_counter()
+    it = iter(items)
+    while batch := list(itertools.islice(it, batch_size)):
+        results = fn(batch)
+        assert len(results) == len(batch), "a batched stage returns one result per item"
+        commit(results)
+        run.add(results)
+        log.info("%s: %d done", stage, run.processed)
     run.seconds = time.perf_counter() - t0
     return run

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -117,6 +118,30 @@ class Storage:
             removed.append(p)
         stale = removed
         return len(stale)
+
+    def publish_dir(self, work: str, rel: str, last: str = "") -> None:
+        """Put a finished local folder at `rel`, replacing what was there.
+
+        Local disk: one rename (readers see the old folder or the new one, never a mix). Object store: a prefix
+        cannot be renamed atomically (a "move" copies every object), so the files are uploaded straight into
+        place with `last` (a completion marker such as render.json) uploaded after all others.
+        """
+        final = self.path(rel)
+        if self.local:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            old = None
+            if os.path.exists(final):
+                old = self.tmp_sibling(final)
+                os.replace(final, old)
+            os.replace(work, final)
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+            return
+        if self.fs.exists(final):
+            self.fs.rm(final, recursive=True)
+        files = sorted(os.path.relpath(os.path.join(d, f), work) for d, _, names in os.walk(work) for f in names)
+        for name in sorted(files, key=lambda r: r == last):
+            self.fs.put_file(os.path.join(work, name), f"{final}/{name}")
 
     def local_dir(self, rel: str) -> str:
         """A local folder for things that need a real filesystem (archive extraction, Blender).

@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from flux3d.config import RenderConfig, section_params
+from flux3d.curation.heuristic import magenta_mask
 from flux3d.isolation import run_isolated
 from flux3d.records import FAILED, OK, StageResult, params_hash
 from flux3d.stages.blender_render import RenderError, render_scene, view_sets
@@ -54,7 +55,7 @@ RENDER_COLUMNS = pa.schema([
     ("render_dir", pa.string()),
     ("render_device", pa.string()),
     ("setup_seconds", pa.float64()),
-    ("render_seconds", pa.float64()),
+    ("views_seconds", pa.float64()),
 ])
 # Fields that do not change the images: a different worker count or timeout leaves finished renders valid.
 _NOT_OUTPUT = ("device", "threads", "workers", "timeout_s", "memory_mb")
@@ -77,12 +78,24 @@ def view_stats(png_path: str, blank_coverage: float) -> dict[str, Any]:
     fg = rgba[..., 3] > 0.5
     coverage = float(fg.mean())
     border = bool(fg[0].any() or fg[-1].any() or fg[:, 0].any() or fg[:, -1].any())
-    r, g, b = rgba[..., 0][fg], rgba[..., 1][fg], rgba[..., 2][fg]
-    # Magenta whatever the shading: red and blue alike and bright enough, green far below both.
-    lo = np.minimum(r, b)
-    magenta = (lo > 0.15) & (g < 0.35 * lo) & (np.abs(r - b) < 0.3 * np.maximum(r, b))
+    magenta = magenta_mask(rgba[..., :3][fg])
     return {"coverage": coverage, "blank": coverage < blank_coverage, "clipped": border,
             "magenta": float(magenta.mean()) if fg.any() else 0.0}
+
+
+def load_views(storage: Storage, render_dir: str, folder: str, limit: int | None = None) -> list[np.ndarray]:
+    """RGBA arrays of a published view set, in frame order; `limit` picks that many spread evenly.
+    Raises OSError/ValueError when the render is missing or damaged."""
+    from PIL import Image
+
+    frames = json.loads(storage.fs.cat_file(f"{render_dir}/{folder}/transforms.json"))["frames"]
+    if limit is not None and limit < len(frames):
+        frames = [frames[i] for i in np.linspace(0, len(frames) - 1, limit).round().astype(int)]
+    out = []
+    for frame in frames:
+        with storage.fs.open(f"{render_dir}/{folder}/{frame['file_path']}", "rb") as f:
+            out.append(np.asarray(Image.open(f).convert("RGBA")))
+    return out
 
 
 def contact_sheet(paths: list[str], out_path: str, tile: int = 128, cols: int = 4) -> None:
@@ -148,7 +161,7 @@ def _columns(facts: dict[str, Any] | None = None, render_dir: str | None = None)
         "render_dir": render_dir,
         "render_device": facts["device"],
         "setup_seconds": facts["setup_s"],
-        "render_seconds": sum(s["seconds"] for s in facts["sets"].values()),
+        "views_seconds": sum(s["seconds"] for s in facts["sets"].values()),
     }
 
 
@@ -176,29 +189,7 @@ def render_asset(path: str, fmt: str, sha256: str, cfg: RenderConfig, storage: S
         if columns["blank_views"] == columns["num_views"]:
             return StageResult(sha256, FAILED, "blank_render", "every view is empty (nothing visible in frame)",
                                seconds=outcome.seconds, columns=columns)
-        _publish(storage, work, final_rel)
+        storage.publish_dir(work, final_rel, last="render.json")
         return StageResult(sha256, OK, seconds=outcome.seconds, columns=columns)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _publish(storage: Storage, work: str, final_rel: str) -> None:
-    """Move a finished render folder to `final_rel` in one rename (an older render there is replaced)."""
-    final = storage.path(final_rel)
-    if storage.local:
-        old = None
-        if os.path.exists(final):
-            old = storage.tmp_sibling(final)
-            os.replace(final, old)
-        os.replace(work, final)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-        return
-    # Object store: a prefix cannot be renamed atomically (a "move" copies every object), so upload straight into
-    # place with `render.json` last as the completion marker. Readers go by the catalog, which lists the render
-    # as ok only after this returns; an upload cut short is overwritten by the next attempt.
-    if storage.fs.exists(final):
-        storage.fs.rm(final, recursive=True)
-    files = sorted(os.path.relpath(os.path.join(d, f), work) for d, _, names in os.walk(work) for f in names)
-    for rel in sorted(files, key=lambda r: r == "render.json"):
-        storage.fs.put_file(os.path.join(work, rel), f"{final}/{rel}")

@@ -1,0 +1,226 @@
+"""`flux3d curate`: score every rendered asset once, then decide keep/reject for all of them under the policy.
+
+Two catalog stages:
+
+- `score` (content stage, after render): per-view aesthetic scores and their mean, the heuristic's magenta and
+  flat fractions. Params = the scorer's identity and the render params, so new thresholds never re-score and a
+  re-render does.
+- `curate` (after score): the decision (`ok` = keep, `rejected:<reason>`, `failed:vlm_*`) with the evidence that
+  led to it. Params = the policy, so a threshold change re-decides everything from stored scores in seconds.
+  VLM verdicts are columns of this stage keyed by `vlm_key` (model + prompt version + grid settings); a
+  re-decision reuses every verdict already obtained under the same key and asks only for the missing ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from flux3d.catalog import Catalog, records
+from flux3d.config import Config, section_params
+from flux3d.curation.heuristic import texture_fractions
+from flux3d.curation.policy import Evidence, decide, effective_rule, needs_vlm
+from flux3d.curation.vlm import PROMPT_VERSION, VLMError, VLMJudge, view_grid
+from flux3d.records import FAILED, OK, REJECTED, AssetRecord, StageResult, Timer, params_hash
+from flux3d.runner import StageRun, run_batched, run_stage
+from flux3d.stages.blender_render import view_sets
+from flux3d.stages.render import load_views, render_params
+from flux3d.storage import Storage
+
+SCORE_VERSION = 1
+CURATE_VERSION = 1
+SCORE_COLUMNS = pa.schema([
+    ("aesthetic_scores", pa.list_(pa.float32())),
+    ("aesthetic_mean", pa.float64()),
+    ("magenta_fraction", pa.float64()),
+    ("flat_fraction", pa.float64()),
+    ("scorer", pa.string()),
+])
+CURATE_COLUMNS = pa.schema([
+    ("decision", pa.string()),
+    ("aesthetic_score", pa.float64()),
+    ("aesthetic_threshold", pa.float64()),
+    ("magenta_fraction", pa.float64()),
+    ("flat_fraction", pa.float64()),
+    ("missing_textures_flag", pa.bool_()),
+    ("heuristic_flag", pa.string()),
+    ("texture_rule", pa.string()),
+    ("vlm_verdict", pa.string()),
+    ("vlm_reason", pa.string()),
+    ("vlm_key", pa.string()),
+])
+_POLICY_FIELDS = ("magenta_max", "flat_max", "use_inspect_flag", "aesthetic_threshold", "aesthetic_thresholds")
+
+
+def score_params(cfg: Config) -> str:
+    c = cfg.curate
+    scorer = {"clip_model": c.clip_model, "clip_pretrained": c.clip_pretrained, "head": c.aesthetic_head,
+              "background": c.background, "render": render_params(cfg.render)}
+    return params_hash("score", SCORE_VERSION, scorer)
+
+
+def vlm_key(cfg: Config) -> str:
+    v = cfg.vlm
+    return params_hash("vlm", 1, {"model": v.model, "prompt": PROMPT_VERSION, "views": v.views, "tile": v.tile,
+                                  "background": cfg.curate.background})
+
+
+def curate_params(cfg: Config) -> str:
+    policy = {k: v for k, v in section_params(cfg.curate).items() if k in _POLICY_FIELDS}
+    rule = effective_rule(cfg.curate, cfg.vlm.endpoint)
+    return params_hash("curate", CURATE_VERSION, {**policy, "rule": rule, "score": score_params(cfg),
+                                                  "vlm": vlm_key(cfg) if rule != "heuristic" else ""})
+
+
+def curation_views(render_dir: str, cfg: Config, storage: Storage, limit: int | None = None) -> list[np.ndarray]:
+    return load_views(storage, render_dir, view_sets(cfg.render)[2][0], limit)
+
+
+# -- score ------------------------------------------------------------------------------------------------------
+def score_batch(recs: list[AssetRecord], render_dirs: dict[str, str], scorer: Any, cfg: Config,
+                storage: Storage) -> list[StageResult]:
+    """Aesthetic + heuristic for a batch of assets: one scorer pass over all their views."""
+    from PIL import Image
+
+    def load(rec: AssetRecord) -> list[np.ndarray] | str:
+        try:
+            return curation_views(render_dirs[rec.sha256], cfg, storage)
+        except (OSError, KeyError, ValueError) as e:
+            return f"{type(e).__name__}: {e}"
+
+    with Timer() as t, ThreadPoolExecutor(max_workers=4) as pool:
+        loaded = list(pool.map(load, recs))
+        images = [Image.fromarray(v, "RGBA") for views in loaded if not isinstance(views, str) for v in views]
+        scores = scorer.score(images) if images else np.empty(0)
+    per_asset = t.seconds / max(len(recs), 1)
+    out, k = [], 0
+    for rec, views in zip(recs, loaded):
+        if isinstance(views, str):
+            out.append(StageResult(rec.sha256, FAILED, "missing_render", views, seconds=per_asset,
+                                   columns={n: None for n in SCORE_COLUMNS.names}))
+            continue
+        s = scores[k:k + len(views)]
+        k += len(views)
+        magenta, flat = texture_fractions(views)
+        out.append(StageResult(rec.sha256, OK, seconds=per_asset, columns={
+            "aesthetic_scores": s.astype(np.float32).tolist(), "aesthetic_mean": float(s.mean()),
+            "magenta_fraction": magenta, "flat_fraction": flat, "scorer": scorer.name}))
+    return out
+
+
+def run_score(cfg: Config, storage: Storage, catalog: Catalog, scorer: Any = None,
+              limit: int | None = None) -> StageRun:
+    """Score every rendered asset not yet scored with these params; the scorer is loaded once, only if needed."""
+    params = score_params(cfg)
+    todo = catalog.todo("score", params, after=["render"], result_columns=("state", "render_dir"),
+                        asset_columns=("source", "file_identifier", "sha256", "format"))
+    if limit is not None:
+        todo = todo.slice(0, limit)
+    if not todo.num_rows:
+        return StageRun("score")
+    if scorer is None:
+        from flux3d.curation.aesthetic import AestheticScorer
+
+        scorer = AestheticScorer.load(cfg.curate)
+    render_dirs = dict(zip(todo["sha256"].to_pylist(), todo["render_dir"].to_pylist()))
+    views = cfg.render.curation_views
+    return run_batched("score", lambda recs: score_batch(recs, render_dirs, scorer, cfg, storage), records(todo),
+                       batch_size=max(1, cfg.curate.batch_size // views),
+                       commit=lambda rs: catalog.write_results("score", params, rs, SCORE_COLUMNS))
+
+
+# -- curate -----------------------------------------------------------------------------------------------------
+def known_verdicts(catalog: Catalog, key: str) -> dict[str, tuple[str, str]]:
+    """sha256 -> (verdict, reason) of every VLM answer already recorded under `key`, newest first wins."""
+    res = catalog.results("curate", ["vlm_verdict", "vlm_reason", "vlm_key"], dedupe=False)
+    if res is None or "vlm_key" not in res.column_names:
+        return {}
+    res = res.filter(pc.and_(pc.equal(res["vlm_key"], key), pc.is_valid(res["vlm_verdict"])))
+    out: dict[str, tuple[str, str]] = {}
+    for sha, verdict, reason in zip(*(res[c].to_pylist() for c in ("sha256", "vlm_verdict", "vlm_reason"))):
+        out.setdefault(sha, (verdict, reason))
+    return out
+
+
+def curate_one(row: dict[str, Any], cfg: Config, rule: str, key: str, verdicts: dict[str, tuple[str, str]],
+               judge: VLMJudge | None, storage: Storage) -> StageResult:
+    ev = Evidence(source=row["source"], aesthetic=row["aesthetic_mean"], magenta_fraction=row["magenta_fraction"],
+                  flat_fraction=row["flat_fraction"],
+                  # Inspect finds texture files the asset references but lacks; Blender finds the same at import
+                  # (`missing_images`), also for formats inspect reads without an engine.
+                  missing_textures_flag=bool(row.get("missing_textures")) or bool(row.get("missing_images")))
+    cols = {"aesthetic_score": ev.aesthetic, "magenta_fraction": ev.magenta_fraction,
+            "flat_fraction": ev.flat_fraction, "missing_textures_flag": ev.missing_textures_flag,
+            "texture_rule": rule, "vlm_verdict": None, "vlm_reason": None, "vlm_key": None}
+    with Timer() as t:
+        if needs_vlm(ev, cfg.curate, rule):
+            verdict = verdicts.get(row["sha256"])
+            if verdict is None:
+                assert judge is not None, "a rule that needs the VLM comes with a judge"
+                try:
+                    views = curation_views(row["render_dir"], cfg, storage, limit=min(cfg.vlm.views,
+                                                                                      cfg.render.curation_views))
+                    v = judge.judge(view_grid(views, cfg.vlm.tile, cfg.curate.background))
+                except VLMError as e:
+                    # Deterministic (temperature 0) garbage stays garbage: only transport failures are retried.
+                    return StageResult(row["sha256"], FAILED, e.reason, e.message,
+                                       retryable=e.reason != "vlm_unparseable",
+                                       columns={**cols, "decision": None, "aesthetic_threshold": None,
+                                                "heuristic_flag": None})
+                verdict = ("yes" if v.missing else "no", v.reason)
+            cols.update(vlm_verdict=verdict[0], vlm_reason=verdict[1], vlm_key=key)
+            ev = dataclasses.replace(ev, vlm_missing=verdict[0] == "yes")
+        d = decide(ev, cfg.curate, rule)
+    cols.update(decision=d.decision, aesthetic_threshold=d.threshold, heuristic_flag=d.heuristic_flag)
+    state = OK if d.keep else REJECTED
+    return StageResult(row["sha256"], state, d.reason, seconds=t.seconds, columns=cols)
+
+
+def run_curate(cfg: Config, storage: Storage, catalog: Catalog, judge: VLMJudge | None = None,
+               limit: int | None = None) -> StageRun:
+    """Decide every scored asset not yet decided under this policy (VLM calls `vlm.concurrency` at a time)."""
+    params = curate_params(cfg)
+    rule = effective_rule(cfg.curate, cfg.vlm.endpoint)
+    todo = catalog.todo("curate", params, after=["inspect", "render", "score"],
+                        result_columns=("state", "missing_textures", "missing_images", "render_dir", "aesthetic_mean",
+                                        "magenta_fraction", "flat_fraction"),
+                        asset_columns=("source", "sha256"))
+    if limit is not None:
+        todo = todo.slice(0, limit)
+    key = vlm_key(cfg)
+    verdicts = known_verdicts(catalog, key) if rule != "heuristic" else {}
+    if judge is None and rule != "heuristic":
+        judge = VLMJudge(cfg.vlm)
+    rows = (row for batch in todo.to_batches(4096) for row in batch.to_pylist())
+    return run_stage("curate", lambda row: curate_one(row, cfg, rule, key, verdicts, judge, storage), rows,
+                     workers=cfg.vlm.concurrency if rule != "heuristic" else 1, batch_size=cfg.ingest.batch_size,
+                     commit=lambda rs: catalog.write_results("curate", params, rs, CURATE_COLUMNS))
+
+
+def curation_table(catalog: Catalog) -> pa.Table:
+    """Every decided asset (one row per sha256): source, license, curate state/reason and the evidence."""
+    table = catalog.table(["render", "curate"], asset_columns=("source", "sha256", "license"))
+    if "curate_state" not in table.column_names:
+        return table.slice(0, 0)
+    table = table.filter(pc.is_valid(table["curate_state"]))
+    first = pc.index_in(pc.unique(table["sha256"]), value_set=table["sha256"])
+    return table.take(np.sort(first.to_numpy()))
+
+
+def curate(cfg: Config, storage: Storage, catalog: Catalog, scorer: Any = None, judge: VLMJudge | None = None,
+           limit: int | None = None, report: bool = True) -> tuple[StageRun, StageRun, dict[str, Any] | None]:
+    """Score what is new, decide what is undecided under the current policy, then rewrite the report."""
+    from flux3d.curation.report import write_report
+
+    scored = run_score(cfg, storage, catalog, scorer=scorer, limit=limit)
+    decided = run_curate(cfg, storage, catalog, judge=judge, limit=limit)
+    summary = None
+    if report:
+        summary = write_report(curation_table(catalog), cfg, storage, curate_params(cfg),
+                               effective_rule(cfg.curate, cfg.vlm.endpoint))
+    return scored, decided, summary
