@@ -165,6 +165,23 @@ def curate(root: RootOpt = None, config: ConfigOpt = None,
 
 
 @app.command()
+def voxelize(root: RootOpt = None, config: ConfigOpt = None,
+             limit: Annotated[Optional[int], typer.Option(help="Voxelize at most this many assets.")] = None,
+             verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False) -> None:
+    """Active 64^3 voxels of every kept asset's normalised mesh (voxels/<sha>.npy), resumably."""
+    from flux3d.catalog import Catalog
+    from flux3d.storage import Storage
+    from flux3d.voxelize_run import run_voxelize
+
+    _setup_logging(verbose)
+    cfg = _config(config, root)
+    storage = Storage(cfg.storage.root)
+    r = run_voxelize(cfg, storage, Catalog(storage), limit=limit)
+    _print_counts(f"voxelize: this run ({r.seconds:.1f} s)", [(r.stage, r.states, r.reasons, [str(r.processed)])],
+                  STATE_COLUMNS, ("processed",))
+
+
+@app.command()
 def demo(root: RootOpt = None, config: ConfigOpt = None) -> None:
     """The main job on procedurally generated assets: ingest + inspect, then the status report."""
     from flux3d.demo import make_demo_assets

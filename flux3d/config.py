@@ -272,6 +272,18 @@ class VLMConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class VoxelizeConfig:
+    resolution: int = 64
+    """Grid side over [-0.5, 0.5]^3 (paper: 64)."""
+    workers: int = 2
+    """Assets voxelized in parallel (threads)."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.resolution <= 256 or self.workers < 1:
+            raise ValueError("voxelize.resolution must be in [1, 256] (uint8 coordinates), voxelize.workers >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
 class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -282,6 +294,7 @@ class Config:
     render: RenderConfig = field(default_factory=RenderConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     vlm: VLMConfig = field(default_factory=VLMConfig)
+    voxelize: VoxelizeConfig = field(default_factory=VoxelizeConfig)
 
     def __post_init__(self) -> None:
         if not self.vlm.endpoint and self.curate.texture_rule not in ("auto", "heuristic"):

@@ -140,3 +140,15 @@ def test_cli_curate_shared_assets_redecide_without_rescoring(tmp_path):
     for reason, sheet in summary["contact_sheets"].items():
         n = min(2, summary["by_reason"][f"rejected:{reason}"])
         assert Image.open(report / sheet).size == (4 * 128, n * 128) and f"({sheet})" in md
+
+    # Kept assets go on to voxelization; a re-run has nothing left to do.
+    def voxelize_row() -> list[str]:
+        out = flux3d("voxelize", "--root", root).stdout
+        return [c.strip() for c in next(x for x in out.splitlines() if x.startswith("│ voxelize")).split("│")[1:-1]]
+
+    kept = sum(r["curate_state"] == "ok" for r in rows.values())
+    assert voxelize_row() == ["voxelize", str(kept), "0", "0", "0", str(kept)]
+    assert voxelize_row()[-1] == "0"
+    for r in Catalog(Storage(root)).results("voxelize").to_pylist():
+        coords = np.load(r["voxels_path"])
+        assert coords.dtype == np.uint8 and len(coords) == r["num_voxels"] > 0

@@ -1,0 +1,96 @@
+"""Image encoders into FLUX.1's 16-channel latent space (8x downsampling), both through diffusers.
+
+- `AutoencoderKL` (the FLUX.1 VAE): from a local folder or a hub id (`black-forest-labs/FLUX.1-schnell`,
+  subfolder `vae`) when the machine is online. The posterior mean and std are normalised like FLUX's
+  transformer sees them: mu = (mean - shift_factor) * scaling_factor, sigma = std * scaling_factor.
+- `AutoencoderTiny` (TAEF1, madebyollin, MIT): a ~1.2 M-parameter distillation into the same normalised latent
+  space; deterministic, so sigma = 0. The weights ship as two bare `nn.Sequential` state dicts (ComfyUI's
+  `vae_approx` files); `load_taef1` maps them onto diffusers' layout: encoder indices are identical, decoder
+  indices shift by one because taesd's first decoder layer is the tanh clamp that diffusers applies in `forward`.
+
+Images go in as (N, 3, H, W) floats in [0, 1]; latents come out as (N, 16, H/8, W/8) float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+TAEF1_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=16, encoder_block_out_channels=(64, 64, 64, 64),
+                    decoder_block_out_channels=(64, 64, 64, 64), num_encoder_blocks=(1, 3, 3, 3),
+                    num_decoder_blocks=(3, 3, 3, 1), act_fn="relu", upsample_fn="nearest",
+                    upsampling_scaling_factor=2, latent_magnitude=3, latent_shift=0.5, scaling_factor=1.0,
+                    shift_factor=0.0, force_upcast=False)
+FLUX_HUB_ID = "black-forest-labs/FLUX.1-schnell"
+
+
+def _bare_state(path: str) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return {k: v.float() for k, v in load_file(path).items()}  # stored as bf16
+
+
+def load_taef1(encoder_path: str, decoder_path: str | None = None) -> Any:
+    """diffusers AutoencoderTiny with TAEF1's weights (decoder optional: encoding needs only the encoder)."""
+    from diffusers import AutoencoderTiny
+
+    model = AutoencoderTiny(**TAEF1_CONFIG)
+    state = {f"encoder.layers.{k}": v for k, v in _bare_state(encoder_path).items()}
+    if decoder_path:
+        for k, v in _bare_state(decoder_path).items():
+            index, rest = k.split(".", 1)
+            state[f"decoder.layers.{int(index) - 1}.{rest}"] = v
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(k.startswith("encoder.") for k in missing) or (decoder_path and missing):
+        raise ValueError(f"TAEF1 weights do not fit AutoencoderTiny: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}")
+    return model.eval()
+
+
+def load_flux_vae(location: str = FLUX_HUB_ID, subfolder: str | None = "vae") -> Any:
+    """The FLUX.1 AutoencoderKL from a local diffusers folder or a hub id (downloads only when online)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(location, subfolder=subfolder).eval()
+
+
+@dataclass
+class LatentEncoder:
+    """One loaded VAE and how to turn its output into normalised FLUX latents."""
+
+    vae: Any
+    kind: str  # "kl" | "tiny"
+
+    @classmethod
+    def load(cls, name: str, location: str, decoder: str | None = None) -> LatentEncoder:
+        if name == "taef1":
+            return cls(load_taef1(location, decoder), "tiny")
+        if name == "flux_vae":
+            return cls(load_flux_vae(location), "kl")
+        raise ValueError(f"unknown encoder {name!r}: expected taef1 or flux_vae")
+
+    def encode(self, images: Any) -> tuple[Any, Any]:
+        """(mu, sigma), each (N, 16, H/8, W/8) float32, from images (N, 3, H, W) in [0, 1]."""
+        import torch
+
+        param = next(self.vae.parameters())
+        x = (images.to(param.device, param.dtype) * 2 - 1)  # diffusers' convention: [-1, 1]
+        with torch.inference_mode():
+            if self.kind == "tiny":
+                mu = self.vae.encode(x).latents.float()
+                return mu, torch.zeros_like(mu)
+            dist = self.vae.encode(x).latent_dist
+            cfg = self.vae.config
+            shift = cfg.shift_factor or 0.0
+            return ((dist.mean.float() - shift) * cfg.scaling_factor, dist.std.float() * cfg.scaling_factor)
+
+    def decode(self, mu: Any) -> Any:
+        """Images (N, 3, 8h, 8w) in [0, 1] from normalised latents (for checks and previews)."""
+        import torch
+
+        param = next(self.vae.parameters())
+        z = mu.to(param.device, param.dtype)
+        if self.kind == "kl":
+            z = z / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+        with torch.inference_mode():
+            return ((self.vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
