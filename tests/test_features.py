@@ -79,3 +79,49 @@ def test_autoencoder_kl_from_local_folder_normalises_like_flux(tmp_path):
         assert torch.allclose(enc.decode(mu), ((tiny.decode(dist.mean).sample + 1) / 2).clamp(0, 1), atol=1e-5)
     with pytest.raises(ValueError, match="unknown encoder"):
         LatentEncoder.load("dinov2", "x")
+
+
+@pytest.mark.integration
+def test_visibility_weighting_recovers_surface_positions(tmp_path):
+    """Latent maps whose channels are the world position seen at each pixel (back-projected from the depth pass,
+    pooled 8x8 like a VAE): averaging them onto the voxels must give each voxel its own position. The plain mean
+    over all views (TRELLIS) blends the near side into far-side voxels; depth-based visibility does not.
+    Measured: mean error 0.011 (under one voxel, 1/64) with visibility, 0.16 (ten voxels) without."""
+    import json
+
+    import torch.nn.functional as F
+
+    from flux3d.features.project import aggregate, voxel_centres
+    from flux3d.stages.voxelize import read_ply, voxelize_mesh
+
+    (tmp_path / "box.glb").write_bytes(_textured_box_glb())
+    res, n = 256, 12
+    cfg = RenderConfig(views=n, resolution=res, cond_views=1, cond_resolution=64, curation_views=1,
+                       curation_resolution=64, samples=2, denoise=False, passes=["depth"], contact_sheet_views=0,
+                       timeout_s=120)
+    result = render_asset(str(tmp_path / "box.glb"), "glb", "f" * 64, cfg, Storage(str(tmp_path / "d")))
+    assert result.state == "ok", result.message
+    render_dir = Path(result.columns["render_dir"])
+    t = json.loads((render_dir / f"views{n}" / "transforms.json").read_text())
+    maps, depths = [], []
+    ys, xs = np.mgrid[:res, :res]
+    for frame in t["frames"]:
+        stem = frame["file_path"].removesuffix(".png")
+        z = np.asarray(Image.open(render_dir / f"views{n}" / f"{stem}_depth.png")).astype(np.float64) / t["depth_scale"]
+        pix = np.stack([xs + 0.5, ys + 0.5, np.ones_like(z)], -1).reshape(-1, 3)
+        cam = (np.linalg.inv(np.array(frame["K"])) @ pix.T).T * z.reshape(-1, 1)
+        world = (np.linalg.inv(np.array(frame["w2c"])) @ np.c_[cam, np.ones(len(cam))].T).T[:, :3]
+        hit = torch.from_numpy((z > 0).astype(np.float32))[None, None]
+        m = torch.from_numpy(world.reshape(res, res, 3)).permute(2, 0, 1)[None].float() * hit
+        maps.append((F.avg_pool2d(m, 8) / F.avg_pool2d(hit, 8).clamp_min(1e-6))[0])
+        depths.append(torch.from_numpy(z).float())
+    mu = torch.stack(maps)
+    coords = voxelize_mesh(*read_ply((render_dir / "mesh.ply").read_bytes()))
+    centres = torch.from_numpy(voxel_centres(coords)).float()
+    K, w2c = np.array([f["K"] for f in t["frames"]]), np.array([f["w2c"] for f in t["frames"]])
+    errors = {}
+    for name, depth in (("plain", None), ("visible", torch.stack(depths))):
+        feat, sigma, counts = aggregate(coords, mu, torch.zeros_like(mu), K, w2c, res, depth)
+        assert feat.shape == (len(coords), 3) and torch.count_nonzero(sigma) == 0 and (counts > 0).all()
+        errors[name] = float((feat - centres).norm(dim=1).mean())
+    assert errors["visible"] < 1 / 64 and errors["plain"] > 5 * errors["visible"], errors
