@@ -226,10 +226,7 @@ class Catalog:
         key = stage_key(stage)
         done = pa.array(sorted(self.done_keys(stage, params)), pa.string())
         table = table.filter(pc.invert(pc.is_in(table[key], value_set=done)))
-        if key == "sha256" and table.num_rows:
-            first = pc.index_in(pc.unique(table[key]), value_set=table[key])
-            table = table.take(np.sort(first.to_numpy()))
-        return table
+        return first_per_sha(table) if key == "sha256" else table
 
     def status(self) -> dict[str, Any]:
         """Counts per stage and state, and per `state:reason` for everything not ok."""
@@ -251,6 +248,14 @@ class Catalog:
             out["stages"][stage] = {"states": _counts(state), "reasons": _counts(reasons)}
             prev_ok = pc.equal(state, OK)
         return out
+
+
+def first_per_sha(table: pa.Table) -> pa.Table:
+    """The first row of each sha256, in table order (a file listed twice is processed and reported once)."""
+    if not table.num_rows:
+        return table
+    first = pc.index_in(pc.unique(table["sha256"]), value_set=table["sha256"])
+    return table.take(np.sort(first.to_numpy()))
 
 
 def records(table: pa.Table, batch_rows: int = 4096) -> Iterator[AssetRecord]:

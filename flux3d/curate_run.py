@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flux3d.catalog import Catalog, records
+from flux3d.catalog import Catalog, first_per_sha, records
 from flux3d.config import Config, section_params
 from flux3d.curation.heuristic import texture_fractions
 from flux3d.curation.policy import Evidence, decide, effective_rule, needs_vlm
@@ -207,9 +207,7 @@ def curation_table(catalog: Catalog) -> pa.Table:
     table = catalog.table(["render", "curate"], asset_columns=("source", "sha256", "license"))
     if "curate_state" not in table.column_names:
         return table.slice(0, 0)
-    table = table.filter(pc.is_valid(table["curate_state"]))
-    first = pc.index_in(pc.unique(table["sha256"]), value_set=table["sha256"])
-    return table.take(np.sort(first.to_numpy()))
+    return first_per_sha(table.filter(pc.is_valid(table["curate_state"])))
 
 
 def curate(cfg: Config, storage: Storage, catalog: Catalog, scorer: Any = None, judge: VLMJudge | None = None,

@@ -78,10 +78,17 @@ def serve(routes: dict[str, Route]) -> Iterator[_Server]:
     server.routes = routes
     server.requests = []
     server.url = f"http://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
+    with serving(server):
+        yield server
+
+
+@contextmanager
+def serving(server: ThreadingHTTPServer) -> Iterator[None]:
+    """Run `server` on a daemon thread for the block; shut it down and free the port after."""
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield server
+        yield
     finally:
         server.shutdown()
         server.server_close()

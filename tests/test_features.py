@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from flux3d.config import RenderConfig
+from flux3d.curation.aesthetic import composite
 from flux3d.demo import _textured_box_glb
 from flux3d.features.vae import LatentEncoder, load_taef1
 from flux3d.stages.render import load_views, render_asset
@@ -36,13 +37,8 @@ def test_taef1_round_trip_of_a_real_render(tmp_path):
     result = render_asset(str(tmp_path / "box.glb"), "glb", "e" * 64, cfg, storage)
     assert result.state == "ok", result.message
     views = load_views(storage, result.columns["render_dir"], "views2")
-    rgb = []
-    for rgba in views:  # flattened on white, as the encoder sees views
-        im = Image.fromarray(rgba, "RGBA")
-        base = Image.new("RGB", im.size, (255, 255, 255))
-        base.paste(im, mask=im.getchannel("A"))
-        rgb.append(torch.from_numpy(np.asarray(base).copy()).permute(2, 0, 1).float() / 255)
-    x = torch.stack(rgb)
+    flat = [np.asarray(composite(Image.fromarray(v, "RGBA"), "white")) for v in views]
+    x = torch.from_numpy(np.stack(flat)).permute(0, 3, 1, 2).float() / 255
     enc = LatentEncoder.load("taef1", str(ENC), str(DEC))
     mu, sigma = enc.encode(x)
     assert mu.shape == (2, 16, 32, 32) and torch.count_nonzero(sigma) == 0

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from flux3d.curation.heuristic import magenta_mask
+from tests.http_server import serving
 
 
 def judge_image(jpeg: bytes) -> str:
@@ -83,10 +84,5 @@ def serve_vlm(script: list[str] | None = None) -> Iterator[VLMServer]:
     server = VLMServer(("127.0.0.1", 0), _Handler)
     server.script, server.requests, server.lock = list(script or []), [], threading.Lock()
     server.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(server):
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -77,11 +77,10 @@ def voxelize_mesh(verts: np.ndarray, faces: np.ndarray, resolution: int = 64) ->
     tri = np.asarray(verts, dtype=np.float64)[np.asarray(faces, dtype=np.int64)]  # (F, 3, 3)
     tri = tri[np.isfinite(tri).all(axis=(1, 2))]
     size = 1.0 / resolution
-    lo = np.floor((tri.min(axis=1) + 0.5) / size).astype(np.int64)
-    hi = np.floor((tri.max(axis=1) + 0.5) / size).astype(np.int64)
-    # A triangle on a voxel boundary touches the voxel on either side; both are kept (closed boxes).
-    lo = np.clip(lo - 1, 0, resolution - 1)
-    hi = np.clip(hi, 0, resolution - 1)
+    # Closed boxes: a coordinate exactly on a voxel boundary touches the voxels on both sides, so the lower
+    # end rounds down past it (ceil - 1) and the upper end up to it (floor).
+    lo = np.clip(np.ceil((tri.min(axis=1) + 0.5) / size).astype(np.int64) - 1, 0, resolution - 1)
+    hi = np.clip(np.floor((tri.max(axis=1) + 0.5) / size).astype(np.int64), 0, resolution - 1)
     inside = (tri.max(axis=1) >= -0.5).all(axis=1) & (tri.min(axis=1) <= 0.5).all(axis=1)
     tri, lo, hi = tri[inside], lo[inside], hi[inside]
     extent = hi - lo + 1
