@@ -169,15 +169,58 @@ def voxelize(root: RootOpt = None, config: ConfigOpt = None,
              limit: Annotated[Optional[int], typer.Option(help="Voxelize at most this many assets.")] = None,
              verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False) -> None:
     """Active 64^3 voxels of every kept asset's normalised mesh (voxels/<sha>.npy), resumably."""
-    from flux3d.catalog import Catalog
-    from flux3d.storage import Storage
     from flux3d.voxelize_run import run_voxelize
+
+    _run_asset_stage(run_voxelize, config, root, limit, verbose)
+
+
+@app.command()
+def encode(root: RootOpt = None, config: ConfigOpt = None,
+           limit: Annotated[Optional[int], typer.Option(help="Encode at most this many assets.")] = None,
+           verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False) -> None:
+    """FLUX latent feature volumes (DA-SLAT) of every voxelized asset (features/<encoder>/<sha>.npz), resumably."""
+    from flux3d.encode_run import run_encode
+
+    _run_asset_stage(run_encode, config, root, limit, verbose)
+
+
+@app.command()
+def shard(root: RootOpt = None, config: ConfigOpt = None,
+          verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False) -> None:
+    """Webdataset shards of every kept, encoded asset (shards/<version>/), resumably; prints the version."""
+    from flux3d.catalog import Catalog
+    from flux3d.shard_run import run_shard
+    from flux3d.storage import Storage
 
     _setup_logging(verbose)
     cfg = _config(config, root)
     storage = Storage(cfg.storage.root)
-    r = run_voxelize(cfg, storage, Catalog(storage), limit=limit)
-    _print_counts(f"voxelize: this run ({r.seconds:.1f} s)", [(r.stage, r.states, r.reasons, [str(r.processed)])],
+    try:
+        r = run_shard(cfg, storage, Catalog(storage))
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    s = r.stats
+    typer.echo(f"dataset version {r.version}" + (" (already complete, nothing to do)" if r.up_to_date else
+                                                  f": wrote {r.written} in {r.seconds:.1f} s"))
+    typer.echo(f"  assets {s['assets']}  shards {s['shards']}  failed {s['failed']}  "
+               f"{s['bytes'] / 2 ** 20:.1f} MiB ({s['bytes'] / 2 ** 20 / max(sum(s['assets'].values()), 1):.2f} "
+               "MiB per asset)")
+    for reason, n in r.reasons.items():
+        typer.echo(f"  {reason:<40} {n}")
+    typer.echo(f"  {r.path}/index.parquet, stats.json")
+
+
+def _run_asset_stage(run, config: Path | None, root: str | None, limit: int | None,  # noqa: ANN001
+                     verbose: bool) -> None:
+    """Run one catalog stage over what it still has to do and print its counts."""
+    from flux3d.catalog import Catalog
+    from flux3d.storage import Storage
+
+    _setup_logging(verbose)
+    cfg = _config(config, root)
+    storage = Storage(cfg.storage.root)
+    r = run(cfg, storage, Catalog(storage), limit=limit)
+    _print_counts(f"{r.stage}: this run ({r.seconds:.1f} s)", [(r.stage, r.states, r.reasons, [str(r.processed)])],
                   STATE_COLUMNS, ("processed",))
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flux3d.config_features import EncodeConfig, ShardConfig, VoxelizeConfig
+
 
 @dataclass(kw_only=True, slots=True)
 class StorageConfig:
@@ -272,18 +274,6 @@ class VLMConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class VoxelizeConfig:
-    resolution: int = 64
-    """Grid side over [-0.5, 0.5]^3 (paper: 64)."""
-    workers: int = 2
-    """Assets voxelized in parallel (threads)."""
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.resolution <= 256 or self.workers < 1:
-            raise ValueError("voxelize.resolution must be in [1, 256] (uint8 coordinates), voxelize.workers >= 1")
-
-
-@dataclass(kw_only=True, slots=True)
 class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -295,12 +285,16 @@ class Config:
     curate: CurateConfig = field(default_factory=CurateConfig)
     vlm: VLMConfig = field(default_factory=VLMConfig)
     voxelize: VoxelizeConfig = field(default_factory=VoxelizeConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
 
     def __post_init__(self) -> None:
         if not self.vlm.endpoint and self.curate.texture_rule not in ("auto", "heuristic"):
             # Without this a run would mark every candidate failed:vlm_unreachable instead of saying why up front.
             raise ValueError(f"curate.texture_rule = {self.curate.texture_rule} needs a VLM: set vlm.endpoint, or "
                              "texture_rule = \"heuristic\"")
+        if self.shard.cond == "latents" and not self.encode.cond_latents:
+            raise ValueError("shard.cond = \"latents\" needs encode.cond_latents = true")
 
 
 def _check_type(where: str, value: Any, tp: Any) -> Any:

@@ -7,6 +7,7 @@ one record of progress whichever ran the work.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import time
@@ -19,6 +20,7 @@ from flux3d.records import StageResult
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(slots=True)
@@ -102,3 +104,17 @@ def run_batched(stage: str, fn: Callable[[list[T]], list[StageResult]], items: I
         log.info("%s: %d done", stage, run.processed)
     run.seconds = time.perf_counter() - t0
     return run
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """`fn` over `items` in `workers` threads, results in input order, at most 2 x workers in flight (so a long
+    listing never holds more than a few finished results in memory)."""
+    it = iter(items)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flux3d") as pool:
+        window: collections.deque[Future] = collections.deque(
+            pool.submit(fn, x) for x in itertools.islice(it, 2 * workers))
+        while window:
+            result = window.popleft().result()
+            for x in itertools.islice(it, 1):
+                window.append(pool.submit(fn, x))
+            yield result

@@ -33,7 +33,8 @@ def project(points: torch.Tensor, K: torch.Tensor, w2c: torch.Tensor) -> tuple[t
 def aggregate(coords: np.ndarray, mu: torch.Tensor, sigma: torch.Tensor, K: np.ndarray, w2c: np.ndarray,
               image_size: int, depth: torch.Tensor | None = None, tolerance: float | None = None,
               resolution: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-voxel (mu, sigma) (N, C) and the number of views that counted (N,).
+    """Per-voxel (mu, sigma) (N, C) and the number of views that saw each voxel (N,): with `depth`, views passing
+    the visibility test (0 for a voxel that fell back to the plain mean); without, views it projects into.
 
     mu, sigma: (V, C, h, w) latent maps of V views rendered at `image_size` px; K, w2c: (V, 3, 3), (V, 4, 4);
     depth: optional (V, image_size, image_size) camera-axis depth, 0 where no surface.
@@ -43,6 +44,7 @@ def aggregate(coords: np.ndarray, mu: torch.Tensor, sigma: torch.Tensor, K: np.n
     grid = (uv / image_size * 2 - 1)[:, :, None, :]  # (V, N, 1, 2) in grid_sample's [-1, 1]
     inside = (grid.abs() <= 1).all(dim=-1)[..., 0] & (z > 0)  # (V, N)
     w = inside.float()
+    seen_by = inside
     if depth is not None:
         tol = np.sqrt(3) / resolution if tolerance is None else tolerance
         px = uv.floor().long().clamp(0, image_size - 1)
@@ -50,9 +52,10 @@ def aggregate(coords: np.ndarray, mu: torch.Tensor, sigma: torch.Tensor, K: np.n
         visible = inside & (seen > 0) & (z <= seen + tol)
         # A voxel no view sees (thin or self-occluded geometry) keeps the plain mean rather than nothing.
         w = torch.where(visible.any(dim=0, keepdim=True), visible.float(), w)
+        seen_by = visible
     maps = torch.cat([mu, sigma], dim=1).float()
     sampled = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)[..., 0]
     total = w.sum(dim=0)  # (N,)
     feats = torch.einsum("vcn,vn->nc", sampled, w) / total.clamp_min(1)[:, None]
     c = mu.shape[1]
-    return feats[:, :c], feats[:, c:], total.long()
+    return feats[:, :c], feats[:, c:], seen_by.sum(dim=0)

@@ -62,12 +62,26 @@ class LatentEncoder:
     kind: str  # "kl" | "tiny"
 
     @classmethod
-    def load(cls, name: str, location: str, decoder: str | None = None) -> LatentEncoder:
+    def load(cls, name: str, location: str, decoder: str | None = None, device: str = "cpu",
+             dtype: str = "float32") -> LatentEncoder:
+        """`device` cpu | cuda | auto; `dtype` float32 | bfloat16 | auto (bfloat16 on cuda: the paper's setting,
+        and the VAE's own training precision)."""
+        import torch
+
         if name == "taef1":
-            return cls(load_taef1(location, decoder), "tiny")
-        if name == "flux_vae":
-            return cls(load_flux_vae(location), "kl")
-        raise ValueError(f"unknown encoder {name!r}: expected taef1 or flux_vae")
+            enc = cls(load_taef1(location, decoder), "tiny")
+        elif name == "flux_vae":
+            enc = cls(load_flux_vae(location or FLUX_HUB_ID), "kl")
+        else:
+            raise ValueError(f"unknown encoder {name!r}: expected taef1 or flux_vae")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype == "auto":
+            dtype = "bfloat16" if device == "cuda" else "float32"
+        enc.vae.to(device)
+        if dtype != "float32":  # the models load in float32; diffusers warns on a no-op cast
+            enc.vae.to(dtype=getattr(torch, dtype))
+        return enc
 
     def encode(self, images: Any) -> tuple[Any, Any]:
         """(mu, sigma), each (N, 16, H/8, W/8) float32, from images (N, 3, H, W) in [0, 1]."""

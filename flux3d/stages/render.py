@@ -83,14 +83,20 @@ def view_stats(png_path: str, blank_coverage: float) -> dict[str, Any]:
             "magenta": float(magenta.mean()) if fg.any() else 0.0}
 
 
+def spread(n: int, limit: int | None) -> list[int]:
+    """Indices of `limit` views spread evenly over a set of `n` (all of them when limit is None or >= n)."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return np.linspace(0, n - 1, limit).round().astype(int).tolist()
+
+
 def load_views(storage: Storage, render_dir: str, folder: str, limit: int | None = None) -> list[np.ndarray]:
     """RGBA arrays of a published view set, in frame order; `limit` picks that many spread evenly.
     Raises OSError/ValueError when the render is missing or damaged."""
     from PIL import Image
 
     frames = json.loads(storage.fs.cat_file(f"{render_dir}/{folder}/transforms.json"))["frames"]
-    if limit is not None and limit < len(frames):
-        frames = [frames[i] for i in np.linspace(0, len(frames) - 1, limit).round().astype(int)]
+    frames = [frames[i] for i in spread(len(frames), limit)]
     out = []
     for frame in frames:
         with storage.fs.open(f"{render_dir}/{folder}/{frame['file_path']}", "rb") as f:

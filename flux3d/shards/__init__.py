@@ -1,0 +1,1 @@
+"""Webdataset shards of sparse FLUX feature volumes: the one input of training."""
