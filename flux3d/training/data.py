@@ -1,0 +1,312 @@
+"""The shard loader: a dataset version's webdataset shards -> batches of packed voxels, views and conditioning.
+
+Stages, one copy per DataLoader worker:
+
+    shard URLs -> ResampledShards (resampled) | per-epoch shuffled list, split by node then by worker
+      -> open (fsspec) -> tar members -> samples -> decode_sample, pick the views (drop the other images)
+      -> shuffle buffer -> decode + composite the picked images -> [epoch share] -> batch -> `Batch`
+
+Views are picked before the shuffle buffer so the buffer holds one sample's arrays plus a few compressed images,
+not every view of every asset; images are decoded after it so decoded floats are never buffered.
+
+Randomness is a function of `seed`, the epoch and (for shard and buffer order) the node and worker, never of the
+clock, so a run is reproducible for a given seed and worker count. The view and background choice of an asset
+depends on (seed, epoch, key) only, so it does not change with the worker count either. Every stage counts its
+own epochs, which needs the pipeline copies to survive between epochs: `make_loader` uses persistent workers
+(with non-persistent ones every epoch would restart from a fresh copy and repeat epoch 0's order).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import fsspec
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.utils import pytorch_worker_info
+
+from flux3d.shards.format import LATENT_CHANNELS, decode_image, decode_sample
+from flux3d.training.sparse import SparseBatch
+
+log = logging.getLogger(__name__)
+
+Background = Literal["random", "white", "black"]
+Sample = dict[str, Any]
+
+
+def skip_bad_sample(exn: Exception) -> bool:
+    """webdataset error handler: log and go on, so one bad asset or shard never stops a training run.
+    (wds.warn_and_continue goes through `warnings`, which hides repeats, and sleeps 0.5 s per error.)"""
+    log.warning("skipping bad shard data: %s", exn)
+    return True
+
+
+def shard_urls(version_dir: str, split: str) -> list[str]:
+    """Sorted, unique URLs of one split's shards, from `<version_dir>/index.parquet` (a local path or any
+    fsspec URL); the URLs are `version_dir` joined with the index's relative shard names."""
+    base = version_dir.rstrip("/")
+    index = f"{base}/index.parquet"
+    with fsspec.open(index, "rb") as f:
+        table = pq.read_table(f, columns=["shard", "split"])
+    names = pc.unique(table.filter(pc.equal(table["split"], split))["shard"]).to_pylist()
+    if not names:
+        present = sorted(pc.unique(table["split"]).to_pylist())
+        raise ValueError(f"{index} lists no {split!r} shards (splits present: {present})")
+    return [f"{base}/{name}" for name in sorted(names)]
+
+
+@dataclass
+class Batch:
+    """B samples, V = views_per_sample views each; M = total voxels of the batch (no padding).
+
+    keys        list[str] (B)           asset sha256
+    voxels      SparseBatch             coords (M, 4) int32 [b, x, y, z]; feats (M, 16) float32 = mu; offsets (B+1,)
+    sigma       (M, 16) float32         latent std, rows as voxels.feats
+    images      (B, V, 3, H, W) float32 supervision views in [0, 1], composited onto `background`
+    background  (B, 3) float32          0 (black) or 1 (white) per sample
+    K           (B, V, 3, 3) float32    pixel intrinsics of each view at H x W (OpenCV)
+    w2c         (B, V, 4, 4) float32    world-to-camera (OpenCV)
+    view_index  (B, V) int64            which stored view_XXX each image is
+    cond        (B, 3, Hc, Wc) float32 conditioning image (same background) | (B, 16, h, w) float32 latents | None
+    cond_index  (B,) int64 | None       which stored conditioning view
+    """
+
+    keys: list[str]
+    voxels: SparseBatch
+    sigma: torch.Tensor
+    images: torch.Tensor
+    background: torch.Tensor
+    K: torch.Tensor
+    w2c: torch.Tensor
+    view_index: torch.Tensor
+    cond: torch.Tensor | None
+    cond_index: torch.Tensor | None
+
+    def _map(self, f: Callable[[Any], Any]) -> Batch:
+        return Batch(self.keys, f(self.voxels), *(None if t is None else f(t) for t in (
+            self.sigma, self.images, self.background, self.K, self.w2c, self.view_index, self.cond, self.cond_index)))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        # DataLoader(pin_memory=True) calls this on custom batch types.
+        return self._map(lambda t: t.pin_memory())
+
+
+class _EpochStage(wds.PipelineStage):
+    """A stage that counts its runs: a pipeline copy runs each stage once per epoch."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.epoch = -1
+
+    def run(self, *src: Iterable[Any]) -> Iterator[Any]:
+        self.epoch += 1
+        return self.stage(*src)
+
+    def stage(self, *src: Iterable[Any]) -> Iterator[Any]:
+        raise NotImplementedError
+
+
+class _ShardOrder(_EpochStage):
+    """All shards in a per-epoch order that every node and worker agree on, so the node and worker splits that
+    follow partition it (each shard read exactly once per epoch)."""
+
+    def __init__(self, urls: list[str], seed: int) -> None:
+        super().__init__(seed)
+        self.urls = urls
+
+    def stage(self) -> Iterator[Sample]:
+        urls = list(self.urls)
+        random.Random(f"{self.seed}:{self.epoch}").shuffle(urls)
+        return ({"url": url} for url in urls)
+
+
+def _open_shards(src: Iterable[Sample], handler: Callable[[Exception], bool]) -> Iterator[Sample]:
+    # webdataset's own opener (gopen) knows local files and a few CLI-backed schemes (curl, gsutil, ais); fsspec
+    # covers local paths, file://, s3://, gs://, hf://, ... in one code path with the same URLs as the index.
+    for shard in src:
+        url = shard["url"]
+        try:
+            stream = fsspec.open(url, "rb").open()
+        except Exception as exn:  # noqa: BLE001 - any filesystem's failure; the handler decides
+            if handler(ValueError(f"cannot open shard {url}: {exn!r}")):
+                continue
+            break
+        try:
+            yield {**shard, "stream": stream}
+        finally:
+            stream.close()  # resumed only after the tar reader has consumed the whole stream
+
+
+def _rgb(rgba: np.ndarray, background: float) -> torch.Tensor:
+    """(3, H, W) float32 in [0, 1]: straight-alpha RGBA over a uniform background."""
+    x = rgba.astype(np.float32) / 255
+    alpha = x[..., 3:]
+    out = x[..., :3] * alpha + background * (1 - alpha)
+    return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+
+
+class _PickViews(_EpochStage):
+    """decode_sample, validate, and choose this epoch's views, background and conditioning view."""
+
+    def __init__(self, seed: int, views_per_sample: int, background: Background, cond: bool,
+                 handler: Callable[[Exception], bool]) -> None:
+        super().__init__(seed)
+        self.views_per_sample, self.background, self.cond, self.handler = views_per_sample, background, cond, handler
+
+    def stage(self, src: Iterable[Sample]) -> Iterator[Sample]:
+        for raw in src:
+            try:
+                sample = self.pick(raw)
+            except Exception as exn:  # noqa: BLE001 - whatever a corrupt sample raises, the handler decides
+                if self.handler(ValueError(f"sample {raw.get('__key__')} in {raw.get('__url__')}: {exn!r}")):
+                    continue
+                break
+            yield sample
+
+    def pick(self, raw: Sample) -> Sample:
+        s = decode_sample(raw)
+        coords, mu, sigma, views = s["coords"], s["mu"], s["sigma"], s["views"]
+        if coords.dtype != np.uint8 or coords.ndim != 2 or coords.shape[1] != 3:
+            raise ValueError(f"coords are {coords.dtype} {coords.shape}, not uint8 (N, 3)")
+        if mu.shape != (len(coords), LATENT_CHANNELS) or sigma.shape != mu.shape:
+            raise ValueError(f"mu {mu.shape} / sigma {sigma.shape} do not match {len(coords)} voxels")
+        cameras = s["cameras"]["views"]
+        if len(cameras) != len(views) or len(views) < self.views_per_sample:
+            raise ValueError(f"{len(views)} views, {len(cameras)} cameras, {self.views_per_sample} needed")
+        # Keyed by asset, not by stream position: the same choice whatever the worker count or shard order.
+        rng = random.Random(f"{self.seed}:{self.epoch}:{s['key']}")
+        index = rng.sample(range(len(views)), self.views_per_sample)
+        background = float(rng.random() < 0.5) if self.background == "random" else float(self.background == "white")
+        out: Sample = {
+            "__key__": s["key"], "coords": coords, "mu": mu, "sigma": sigma, "background": background,
+            "views": [views[i] for i in index], "view_index": index,
+            "K": np.asarray([cameras[i]["K"] for i in index], np.float32).reshape(-1, 3, 3),
+            "w2c": np.asarray([cameras[i]["w2c"] for i in index], np.float32).reshape(-1, 4, 4),
+            "resolution": s["cameras"].get("resolution"), "cond": None, "cond_index": None,
+        }
+        if self.cond:
+            options = s["cond_latents"] if s["cond_latents"] is not None else s["cond_images"]
+            if len(options) == 0:
+                raise ValueError("no conditioning views or latents")
+            out["cond_index"] = rng.randrange(len(options))
+            out["cond"] = options[out["cond_index"]]
+        return out
+
+
+class _Shuffle(_EpochStage):
+    """A sample shuffle buffer seeded per (seed, epoch, node, worker)."""
+
+    def __init__(self, seed: int, bufsize: int) -> None:
+        super().__init__(seed)
+        self.bufsize = bufsize
+
+    def stage(self, src: Iterable[Sample]) -> Iterator[Sample]:
+        if self.bufsize <= 1:
+            return iter(src)
+        rank, _, worker, _ = pytorch_worker_info()
+        rng = random.Random(f"{self.seed}:{self.epoch}:{rank}:{worker}")
+        return wds.shuffle(self.bufsize, initial=min(self.bufsize, 100), rng=rng)(src)
+
+
+def _decode_images(sample: Sample) -> Sample:
+    try:
+        images = [_rgb(decode_image(data), sample["background"]) for data in sample.pop("views")]
+        res = sample["resolution"]
+        if res is not None and any(tuple(im.shape[1:]) != (res, res) for im in images):
+            raise ValueError(f"view sizes {[tuple(im.shape[1:]) for im in images]}, cameras say {res}")
+        sample["images"] = torch.stack(images)
+        cond = sample["cond"]
+        if isinstance(cond, bytes):
+            sample["cond"] = _rgb(decode_image(cond), sample["background"])
+        elif cond is not None:
+            sample["cond"] = torch.from_numpy(cond.astype(np.float32))
+    except Exception as exn:
+        raise ValueError(f"sample {sample['__key__']}: {exn!r}") from exn
+    return sample
+
+
+def _worker_share(src: Iterable[Sample], total: int) -> Iterator[Sample]:
+    # This worker's part of an epoch of `total` samples, so the loader yields exactly `total` whatever the
+    # worker count. (DataPipeline.with_epoch(n) would count per pipeline copy, i.e. n per worker, and count
+    # batches when applied after batching.) Placed after every stage that can drop a sample, so drops don't count.
+    _, _, worker, num_workers = pytorch_worker_info()
+    return itertools.islice(src, total // num_workers + (worker < total % num_workers))
+
+
+def collate(samples: list[Sample]) -> Batch:
+    """Pack decoded samples into a `Batch` (voxels concatenated, everything else stacked)."""
+    cond = [s["cond"] for s in samples]
+    return Batch(
+        keys=[s["__key__"] for s in samples],
+        voxels=SparseBatch.from_list([s["coords"] for s in samples], [s["mu"] for s in samples], torch.float32),
+        sigma=torch.from_numpy(np.concatenate([s["sigma"] for s in samples]).astype(np.float32)),
+        images=torch.stack([s["images"] for s in samples]),
+        background=torch.tensor([[s["background"]] * 3 for s in samples], dtype=torch.float32),
+        K=torch.from_numpy(np.stack([s["K"] for s in samples])),
+        w2c=torch.from_numpy(np.stack([s["w2c"] for s in samples])),
+        view_index=torch.tensor([s["view_index"] for s in samples], dtype=torch.int64),
+        cond=None if cond[0] is None else torch.stack(cond),
+        cond_index=None if cond[0] is None else torch.tensor([s["cond_index"] for s in samples], dtype=torch.int64),
+    )
+
+
+def make_dataset(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: int = 256, resampled: bool = False,
+                 seed: int = 0, background: Background = "random", cond: bool = True, views_per_sample: int = 1,
+                 epoch_samples: int | None = None,
+                 handler: Callable[[Exception], bool] = skip_bad_sample) -> wds.DataPipeline:
+    """An iterable of `Batch`es over the shards at `urls` (local paths or fsspec URLs; see `shard_urls`).
+
+    resampled=False: each epoch reads every shard once, split across nodes (RANK/WORLD_SIZE or torch.distributed)
+    and then DataLoader workers, so a worker or rank with no shard yields nothing and ranks can get different
+    batch counts; fine for one node and for evaluation. resampled=True: every worker draws shards with
+    replacement, an endless stream, so use it with `epoch_samples` for multi-node training (equal epochs per rank).
+    epoch_samples: samples per epoch of this process's loader, across all its workers (per rank); the last
+    batch of a worker may be partial. shuffle_buffer: samples per worker (about one asset's arrays each); <= 1
+    turns shuffling off. background: "random" = black or white per sample, as TRELLIS trains its decoder.
+    Bad samples and shards are passed to `handler` (default: log and skip).
+    """
+    url_list = [urls] if isinstance(urls, str) else list(urls)
+    if not url_list:
+        raise ValueError("no shard URLs")
+    if background not in ("random", "white", "black"):
+        raise ValueError(f"background must be random, white or black, not {background!r}")
+    if batch_size < 1 or views_per_sample < 1:
+        raise ValueError(f"batch_size ({batch_size}) and views_per_sample ({views_per_sample}) must be >= 1")
+    if resampled:
+        shards: list[Any] = [wds.ResampledShards(url_list, seed=seed, deterministic=True)]
+    else:
+        shards = [_ShardOrder(url_list, seed), wds.split_by_node, wds.split_by_worker]
+    return wds.DataPipeline(
+        *shards,
+        partial(_open_shards, handler=handler),
+        partial(tar_file_expander, handler=handler),
+        partial(group_by_keys, handler=handler),
+        _PickViews(seed, views_per_sample, background, cond, handler),
+        _Shuffle(seed, shuffle_buffer),
+        wds.map(_decode_images, handler=handler),
+        None if epoch_samples is None else partial(_worker_share, total=epoch_samples),
+        wds.batched(batch_size, collation_fn=collate, partial=True),
+    )
+
+
+def make_loader(urls: str | Sequence[str], *, batch_size: int, num_workers: int, pin_memory: bool = False,
+                prefetch_factor: int = 2, **dataset_kw: Any) -> wds.WebLoader:
+    """A DataLoader over `make_dataset(urls, batch_size=..., **dataset_kw)`; it yields the dataset's batches as
+    they are (batch_size=None). Workers are persistent so each keeps its epoch count (see the module docstring)."""
+    dataset = make_dataset(urls, batch_size=batch_size, **dataset_kw)
+    extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if num_workers > 0 else {}
+    return wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+                         **extra)

@@ -1,0 +1,111 @@
+"""A packed batch of sparse voxel sets, for the shard loader and the sparse transformer.
+
+Voxel counts per asset range from about 1K to 60K, so padding every asset to the largest one in the batch would
+waste most of the memory and attention FLOPs. Instead the samples are concatenated along the voxel axis and an
+`offsets` vector (the `cu_seqlens` of varlen attention kernels) marks where each one starts:
+
+    coords   (M, 4) int32     [batch_index, x, y, z], sample i occupies rows offsets[i]:offsets[i + 1]
+    feats    (M, C) float     per-voxel features, same row order as coords
+    offsets  (B + 1,) int64   cumulative voxel counts, offsets[0] = 0, offsets[-1] = M
+
+The batch index column is redundant with `offsets`, but scatter/segment ops and sparse convolutions want it per
+row, and computing it once here saves every consumer a `repeat_interleave`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def _cat(parts: Sequence[ArrayLike]) -> torch.Tensor:
+    if all(isinstance(p, np.ndarray) for p in parts):
+        # One numpy concatenate, then a zero-copy view: arrays np.load'ed from bytes are read-only, which
+        # torch.from_numpy would warn about per sample, and the concatenation is the one copy needed anyway.
+        return torch.from_numpy(np.concatenate(parts))
+    return torch.cat([p if isinstance(p, torch.Tensor) else torch.tensor(p) for p in parts])
+
+
+@dataclass(frozen=True)
+class SparseBatch:
+    """B variable-length voxel sets packed without padding (see the module docstring for the layout)."""
+
+    coords: torch.Tensor
+    feats: torch.Tensor
+    offsets: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.coords.ndim != 2 or self.coords.shape[1] != 4:
+            raise ValueError(f"coords must be (M, 4), got {tuple(self.coords.shape)}")
+        if self.feats.ndim < 2 or self.feats.shape[0] != self.coords.shape[0]:
+            raise ValueError(f"feats must be (M, C) with M = {self.coords.shape[0]}, got {tuple(self.feats.shape)}")
+        if self.offsets.ndim != 1 or len(self.offsets) < 1 or self.offsets.dtype != torch.int64:
+            raise ValueError(f"offsets must be int64 (B + 1,), got {self.offsets.dtype} {tuple(self.offsets.shape)}")
+
+    @classmethod
+    def from_list(cls, coords_list: Sequence[ArrayLike], feats_list: Sequence[ArrayLike],
+                  dtype: torch.dtype | None = None) -> SparseBatch:
+        """Pack per-sample (N_i, 3) coords and (N_i, C) feats (numpy or torch); `dtype` casts the features."""
+        if len(coords_list) != len(feats_list):
+            raise ValueError(f"{len(coords_list)} coords arrays but {len(feats_list)} feature arrays")
+        if not coords_list:
+            raise ValueError("cannot pack an empty batch")
+        for i, (c, f) in enumerate(zip(coords_list, feats_list)):
+            if c.ndim != 2 or c.shape[1] != 3 or f.ndim != 2 or f.shape[0] != c.shape[0]:
+                raise ValueError(f"sample {i}: coords {tuple(c.shape)} / feats {tuple(f.shape)} are not (N, 3) / "
+                                 f"(N, C)")
+        lengths = torch.tensor([len(c) for c in coords_list], dtype=torch.int64)
+        offsets = torch.zeros(len(coords_list) + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        batch_index = torch.repeat_interleave(torch.arange(len(coords_list), dtype=torch.int32), lengths)
+        packed = torch.cat([batch_index[:, None], _cat(coords_list).to(torch.int32)], dim=1)
+        packed_feats = _cat(feats_list)
+        if dtype is not None:
+            packed_feats = packed_feats.to(dtype)
+        return cls(packed, packed_feats, offsets)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(B,) int64 voxel count per sample."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def max_length(self) -> int:
+        """Longest sample (varlen attention's `max_seqlen`); a host sync when offsets are on the GPU."""
+        return int(self.lengths.max()) if self.batch_size else 0
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        """`offsets` as int32, the dtype flash-attention's varlen kernels require."""
+        return self.offsets.to(torch.int32)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseBatch:
+        return SparseBatch(self.coords.to(device, non_blocking=non_blocking),
+                           self.feats.to(device, non_blocking=non_blocking),
+                           self.offsets.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> SparseBatch:
+        # DataLoader(pin_memory=True) calls this on custom batch types.
+        return SparseBatch(self.coords.pin_memory(), self.feats.pin_memory(), self.offsets.pin_memory())
+
+    def replace(self, feats: torch.Tensor) -> SparseBatch:
+        """The same voxel layout with other features (a layer's output); coords and offsets are shared, not copied."""
+        if feats.shape[0] != self.coords.shape[0]:
+            raise ValueError(f"new feats have {feats.shape[0]} rows, the layout has {self.coords.shape[0]}")
+        return dataclasses.replace(self, feats=feats)
+
+    def unbind(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-sample (coords (N_i, 3), feats (N_i, C)) views into the packed tensors (no copies)."""
+        bounds: list[int] = self.offsets.tolist()
+        return [(self.coords[s:e, 1:], self.feats[s:e]) for s, e in itertools.pairwise(bounds)]
