@@ -23,6 +23,7 @@ from tests.test_ingest import flux3d
 from tests.vlm_server import serve_vlm
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets"
+TAEF1 = SHARED.parent / "weights" / "taef1_encoder.safetensors"
 pytestmark = [pytest.mark.integration, pytest.mark.shared_assets]
 
 
@@ -62,7 +63,7 @@ def test_heuristic_on_real_renders(tmp_path):
         assert heuristic_flag(ev, CurateConfig()) == expected, (rel, magenta, flat)
 
 
-def _config(tmp_path: Path, endpoint: str, **curate: object) -> Path:
+def _config(tmp_path: Path, endpoint: str, sections: dict[str, dict] | None = None, **curate: object) -> Path:
     cur = tiny_scorer_config(tmp_path)
     render = dict(views=2, resolution=64, cond_views=1, cond_resolution=64, curation_views=4, curation_resolution=64,
                   samples=4, denoise=False, passes=[], contact_sheet_views=0, timeout_s=120.0)
@@ -72,7 +73,9 @@ def _config(tmp_path: Path, endpoint: str, **curate: object) -> Path:
     path = tmp_path / "run.toml"
     path.write_text("\n".join(["[render]", *(f"{k} = {json.dumps(v)}" for k, v in render.items()),
                                "[curate]", *(f"{k} = {json.dumps(v)}" for k, v in settings.items()),
-                               "[vlm]", f'endpoint = "{endpoint}"', "concurrency = 4", "views = 4", "tile = 64"]))
+                               "[vlm]", f'endpoint = "{endpoint}"', "concurrency = 4", "views = 4", "tile = 64",
+                               *(f"[{name}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
+                                 for name, values in (sections or {}).items())]))
     return path
 
 
@@ -142,13 +145,43 @@ def test_cli_curate_shared_assets_redecide_without_rescoring(tmp_path):
         assert Image.open(report / sheet).size == (4 * 128, n * 128) and f"({sheet})" in md
 
     # Kept assets go on to voxelization; a re-run has nothing left to do.
-    def voxelize_row() -> list[str]:
-        out = flux3d("voxelize", "--root", root).stdout
-        return [c.strip() for c in next(x for x in out.splitlines() if x.startswith("│ voxelize")).split("│")[1:-1]]
+    def stage_row(stage: str, *args: str) -> list[str]:
+        out = flux3d(stage, "--root", root, *args).stdout
+        return [c.strip() for c in next(x for x in out.splitlines() if x.startswith(f"│ {stage}")).split("│")[1:-1]]
 
     kept = sum(r["curate_state"] == "ok" for r in rows.values())
-    assert voxelize_row() == ["voxelize", str(kept), "0", "0", "0", str(kept)]
-    assert voxelize_row()[-1] == "0"
+    assert stage_row("voxelize") == ["voxelize", str(kept), "0", "0", "0", str(kept)]
+    assert stage_row("voxelize")[-1] == "0"
     for r in Catalog(Storage(root)).results("voxelize").to_pylist():
         coords = np.load(r["voxels_path"])
         assert coords.dtype == np.uint8 and len(coords) == r["num_voxels"] > 0
+
+    # Features (TAEF1; this render has no depth pass, so the plain mean) and shards, then the loader.
+    if not TAEF1.is_file():
+        return
+    features = {"encode": {"encoder": "taef1", "location": str(TAEF1)},
+                "shard": {"supervision_views": 2, "cond_views": 1, "max_bytes": 65536, "val_fraction": 0.25}}
+    config = _config(tmp_path, server.url, features, aesthetic_threshold=median, texture_rule="vlm")
+    assert stage_row("encode", "--config", str(config)) == ["encode", str(kept), "0", "0", "0", str(kept)]
+    assert stage_row("encode", "--config", str(config))[-1] == "0"
+    out = flux3d("shard", "--root", root, "--config", str(config)).stdout
+    version = out.split()[2].rstrip(":")
+    assert "already complete" in flux3d("shard", "--root", root, "--config", str(config)).stdout
+
+    from flux3d.training.data import make_loader, shard_urls
+
+    version_dir = f"{root}/shards/{version}"
+    stats = json.loads(Path(version_dir, "stats.json").read_text())
+    assert sum(stats["assets"].values()) == kept and stats["failed"] == 0 and stats["shards"]["train"] > 1
+    urls = shard_urls(version_dir, "train") + (shard_urls(version_dir, "val") if stats["assets"]["val"] else [])
+    catalog = Catalog(Storage(root))
+    voxels = {r["sha256"]: np.load(r["voxels_path"]) for r in catalog.results("voxelize").to_pylist()}
+    feats = {r["sha256"]: np.load(r["features_path"]) for r in catalog.results("encode").to_pylist()}
+    seen = set()
+    for batch in make_loader(urls, batch_size=3, num_workers=2, cond=True):
+        for key, (coords, mu) in zip(batch.keys, batch.voxels.unbind(), strict=True):
+            assert np.array_equal(coords.numpy(), voxels[key]) and np.array_equal(coords.numpy(), feats[key]["coords"])
+            assert np.array_equal(mu.numpy(), feats[key]["mu"].astype(np.float32))
+            seen.add(key)
+        assert batch.images.shape[-2:] == (64, 64) and batch.cond.shape[-2:] == (64, 64)
+    assert seen == set(feats) and len(seen) == kept
