@@ -65,14 +65,22 @@ class Storage:
 
     # -- atomic writes ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def open_atomic(self, rel: str, mode: str = "wb") -> Iterator[IO]:
-        """Open a temporary sibling for writing; it becomes `rel` only when the block exits without error."""
+    def open_atomic(self, rel: str, mode: str = "wb", durable: bool = False) -> Iterator[IO]:
+        """Open a temporary sibling for writing; it becomes `rel` only when the block exits without error.
+        `durable` (local disk): fsync the data before the rename, so that after a power loss the name never points
+        at an empty file; worth it for large, expensive files (shards), not for every small part file."""
         final = self.path(rel)
         tmp = self.tmp_sibling(final)
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
         try:
             with self.fs.open(tmp, mode) as f:
                 yield f
+            if durable and self.local:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             self.commit(tmp, final)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

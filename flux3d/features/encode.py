@@ -67,15 +67,15 @@ def flatten(rgba: np.ndarray, background: str) -> np.ndarray:
 
 def encode_views(encoder: LatentEncoder, images: list[np.ndarray], background: str, batch_size: int
                  ) -> tuple[Any, Any]:
-    """(mu, sigma), each (V, 16, H/8, W/8) float32 on the CPU, over `batch_size` views per forward pass."""
+    """(mu, sigma), each (V, 16, H/8, W/8) float32 on the encoder's device, `batch_size` views per forward pass."""
     import torch
 
     mus, sigmas = [], []
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(flatten(np.stack(images[i:i + batch_size]), background))
         mu, sigma = encoder.encode(x)
-        mus.append(mu.float().cpu())
-        sigmas.append(sigma.float().cpu())
+        mus.append(mu.float())
+        sigmas.append(sigma.float())
     return torch.cat(mus), torch.cat(sigmas)
 
 
@@ -129,7 +129,7 @@ def encode_asset(sha256: str, render_dir: str, voxels_path: str, encoder: Latent
     arrays = {"coords": coords, "mu": vmu.numpy().astype(np.float16), "sigma": vsigma.numpy().astype(np.float16),
               "seen": seen.numpy().astype(np.uint16)}
     if cond_images:
-        arrays["cond"] = encode_views(encoder, cond_images, e.background, e.batch_size)[0].numpy().astype(
+        arrays["cond"] = encode_views(encoder, cond_images, e.background, e.batch_size)[0].cpu().numpy().astype(
             np.float16)
     buf = io.BytesIO()
     np.savez(buf, **arrays)

@@ -103,7 +103,7 @@ class ShardSet:
                     open_cm = tw = None
                     index += 1
                 if tw is None:
-                    open_cm = self.storage.open_atomic(f"{self.rel}/{split}-{index:06d}.tar")
+                    open_cm = self.storage.open_atomic(f"{self.rel}/{split}-{index:06d}.tar", durable=True)
                     tw = wds.TarWriter(open_cm.__enter__(), user="flux3d", group="flux3d", mtime=0, encoder=False)
                     size, rows, sums = 0, [], Sums()
                 tw.write(item.sample)
