@@ -43,10 +43,13 @@ def _six_colour_box_glb() -> bytes:
     return trimesh.Scene(mesh).export(file_type="glb")
 
 
+WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "taef1_encoder.safetensors"
+
+
 def _encoder() -> LatentEncoder:
-    """The real TAEF1 weights when present, else the same architecture with seeded random weights: the check is
-    geometric, so any fixed encoder that tells the six colours apart serves."""
-    weights = Path(__file__).resolve().parents[2] / "shared" / "weights" / "taef1_encoder.safetensors"
+    """The real TAEF1 weights when present, else the same architecture with seeded random weights (enough for the
+    shard test; the colour test needs latents that keep colours apart, which random weights do not: 85%)."""
+    weights = WEIGHTS
     if weights.is_file():
         return LatentEncoder.load("taef1", str(weights))
     from diffusers import AutoencoderTiny
@@ -79,6 +82,8 @@ def encoded_box(tmp_path_factory):
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_projected_features_match_each_faces_colour_latent(encoded_box):
+    if not WEIGHTS.is_file():
+        pytest.skip("needs the real TAEF1 weights (../shared/weights)")
     cfg, storage, encoder, results = encoded_box
     sha, result, vox = "c" * 64, results["encode"], results["voxelize"]
     render_dir = results["render"].columns["render_dir"]

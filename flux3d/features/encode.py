@@ -27,6 +27,7 @@ from flux3d.curation.aesthetic import BACKGROUNDS
 from flux3d.features.project import aggregate
 from flux3d.features.vae import LatentEncoder
 from flux3d.records import FAILED, OK, StageResult, params_hash
+from flux3d.shards.format import over_background
 from flux3d.stages.blender_render import view_sets
 from flux3d.stages.render import load_views
 from flux3d.storage import Storage
@@ -58,11 +59,8 @@ def features_rel(encoder: str, sha256: str) -> str:
 
 
 def flatten(rgba: np.ndarray, background: str) -> np.ndarray:
-    """(V, H, W, 4) uint8 RGBA -> (V, 3, H, W) float32 in [0, 1] over a flat background colour."""
-    x = rgba.astype(np.float32) / 255
-    bg = np.asarray(BACKGROUNDS[background], np.float32) / 255
-    rgb = x[..., :3] * x[..., 3:] + bg * (1 - x[..., 3:])
-    return np.ascontiguousarray(rgb.transpose(0, 3, 1, 2))
+    """(V, H, W, 4) uint8 RGBA -> (V, 3, H, W) float32 in [0, 1] over a named background colour."""
+    return over_background(rgba, np.asarray(BACKGROUNDS[background], np.float32) / 255)
 
 
 def encode_views(encoder: LatentEncoder, images: list[np.ndarray], background: str, batch_size: int

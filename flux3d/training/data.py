@@ -35,7 +35,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import pytorch_worker_info
 
-from flux3d.shards.format import LATENT_CHANNELS, decode_image, decode_sample
+from flux3d.shards.format import LATENT_CHANNELS, decode_image, decode_sample, over_background
 from flux3d.training.sparse import SparseBatch
 
 log = logging.getLogger(__name__)
@@ -152,10 +152,7 @@ def _open_shards(src: Iterable[Sample], handler: Callable[[Exception], bool]) ->
 
 def _rgb(rgba: np.ndarray, background: float) -> torch.Tensor:
     """(3, H, W) float32 in [0, 1]: straight-alpha RGBA over a uniform background."""
-    x = rgba.astype(np.float32) / 255
-    alpha = x[..., 3:]
-    out = x[..., :3] * alpha + background * (1 - alpha)
-    return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+    return torch.from_numpy(over_background(rgba, background))
 
 
 class _PickViews(_EpochStage):
