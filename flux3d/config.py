@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flux3d.config_features import EncodeConfig, ShardConfig, VoxelizeConfig
+from flux3d.config_features import BACKGROUNDS, EncodeConfig, ShardConfig, VoxelizeConfig
 
 
 @dataclass(kw_only=True, slots=True)
@@ -231,8 +231,8 @@ class CurateConfig:
     """Rejected assets shown per reason in the report's contact sheets."""
 
     def __post_init__(self) -> None:
-        if self.background not in ("white", "black", "grey"):
-            raise ValueError(f"curate.background must be white, black or grey, got {self.background!r}")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"curate.background must be one of {BACKGROUNDS}, got {self.background!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"curate.device must be auto, cpu or cuda, got {self.device!r}")
         if self.texture_rule not in ("auto", "heuristic_or_vlm", "heuristic_and_vlm", "vlm", "heuristic"):

@@ -77,12 +77,8 @@ def encode_views(encoder: LatentEncoder, images: list[np.ndarray], background: s
     return torch.cat(mus), torch.cat(sigmas)
 
 
-def _frames(storage: Storage, render_dir: str, folder: str) -> dict[str, Any]:
-    return json.loads(storage.fs.cat_file(f"{render_dir}/{folder}/transforms.json"))
-
-
 def _depths(storage: Storage, render_dir: str, folder: str, t: dict[str, Any]) -> Any | None:
-    """(V, H, W) float32 camera depth from the render's depth pass, or None when the render has none."""
+    """(V, H, W) float32 camera depth from the render's depth pass, or None when the render was made without one."""
     import torch
     from PIL import Image
 
@@ -91,9 +87,7 @@ def _depths(storage: Storage, render_dir: str, folder: str, t: dict[str, Any]) -
     out = []
     for frame in t["frames"]:
         path = f"{render_dir}/{folder}/{frame['file_path'].removesuffix('.png')}_depth.png"
-        if not storage.fs.exists(path):
-            return None
-        with storage.fs.open(path, "rb") as f:
+        with storage.fs.open(path, "rb") as f:  # absent: the render claims a depth pass it lacks, bad_render
             out.append(np.asarray(Image.open(f), dtype=np.float32) / t["depth_scale"])
     return torch.from_numpy(np.stack(out))
 
@@ -107,7 +101,7 @@ def encode_asset(sha256: str, render_dir: str, voxels_path: str, encoder: Latent
     folder, _, res = view_sets(cfg.render)[0]
     try:
         coords = np.load(io.BytesIO(storage.fs.cat_file(voxels_path)), allow_pickle=False)
-        t = _frames(storage, render_dir, folder)
+        t = json.loads(storage.fs.cat_file(f"{render_dir}/{folder}/transforms.json"))
         images = load_views(storage, render_dir, folder)
         depth = _depths(storage, render_dir, folder, t) if e.visibility else None
         cond_folder = view_sets(cfg.render)[1][0]

@@ -27,7 +27,7 @@ from flux3d.storage import Storage
 
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads the archive to whole records
-PART_RE = re.compile(r"^(train|val)-(\d{6})\.json$")
+PART_RE = re.compile(r"^(train|val)-(\d{6})\.json$")  # parts/<split>-<index>.json
 
 
 def tar_bytes(sample: dict[str, Any]) -> int:
@@ -90,8 +90,7 @@ class ShardSet:
         """Write `items` into new shards of `split`; yields each part record once its shard is in place."""
         import webdataset as wds
 
-        taken = [int(PART_RE.match(n.removesuffix(".tar") + ".json").group(2)) for n in self.parts()
-                 if n.startswith(split + "-")]
+        taken = [int(n.removesuffix(".tar").split("-")[1]) for n in self.parts() if n.startswith(f"{split}-")]
         index = max(taken, default=-1) + 1
         open_cm = tw = None
         size, rows, sums = 0, [], Sums()
