@@ -106,8 +106,9 @@ class Catalog:
         self.storage = storage
 
     # -- writes -------------------------------------------------------------------------------------------------
-    def _write_part(self, folder: str, table: pa.Table) -> str:
-        rel = f"catalog/{folder}/part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
+    def _write_part(self, folder: str, table: pa.Table, name: str | None = None) -> str:
+        name = name or f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
+        rel = f"catalog/{folder}/part-{name}.parquet"
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         self.storage.write_bytes(rel, sink.getvalue().to_pybytes())
@@ -127,9 +128,11 @@ class Catalog:
         return self._write_part("assets", pa.Table.from_pylist(rows, schema=ASSET_SCHEMA))
 
     def write_results(
-        self, stage: str, params: str, results: Sequence[StageResult], columns: pa.Schema | None = None
+        self, stage: str, params: str, results: Sequence[StageResult], columns: pa.Schema | None = None,
+        part: str | None = None,
     ) -> str | None:
-        """Append one part file of results. `columns` declares the stage's own output columns and their types."""
+        """Append one part file of results. `columns` declares the stage's own output columns and their types.
+        `part` names the file (a journal chunk's id, so that a replay can tell it was already written)."""
         if not results:
             return None
         schema = result_schema(stage, columns)
@@ -144,7 +147,10 @@ class Catalog:
                 raise ValueError(f"stage {stage} returned undeclared columns {sorted(extra)}")
             row.update(r.columns)
             rows.append(row)
-        return self._write_part(stage, pa.Table.from_pylist(rows, schema=schema))
+        return self._write_part(stage, pa.Table.from_pylist(rows, schema=schema), part)
+
+    def has_part(self, stage: str, part: str) -> bool:
+        return self.storage.exists(f"catalog/{stage}/part-{part}.parquet")
 
     # -- reads --------------------------------------------------------------------------------------------------
     def _read_folder(self, folder: str, columns: Iterable[str] | None = None) -> pa.Table | None:
@@ -258,13 +264,18 @@ def first_per_sha(table: pa.Table) -> pa.Table:
     return table.take(np.sort(first.to_numpy()))
 
 
+def as_record(row: dict[str, Any]) -> AssetRecord:
+    """The AssetRecord of one catalog row (a dict of asset and result columns)."""
+    values = {k: v for k, v in row.items() if k in AssetRecord.__slots__}
+    values["metadata"] = json.loads(row.get("metadata") or "{}")
+    return AssetRecord(**values)
+
+
 def records(table: pa.Table, batch_rows: int = 4096) -> Iterator[AssetRecord]:
     """AssetRecords of catalog rows, converted a batch at a time (a million rows never sit in memory as dicts)."""
-    fields = set(AssetRecord.__slots__)
     for batch in table.to_batches(max_chunksize=batch_rows):
         for row in batch.to_pylist():
-            row["metadata"] = json.loads(row.get("metadata") or "{}")
-            yield AssetRecord(**{k: v for k, v in row.items() if k in fields})
+            yield as_record(row)
 
 
 def _left_join(left: pa.Table, right: pa.Table, key: str) -> pa.Table:

@@ -21,13 +21,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flux3d.catalog import Catalog, first_per_sha, records
+from flux3d.catalog import Catalog, first_per_sha
 from flux3d.config import Config, section_params
 from flux3d.curation.heuristic import texture_fractions
 from flux3d.curation.policy import Evidence, decide, effective_rule, needs_vlm
 from flux3d.curation.vlm import PROMPT_VERSION, VLMError, VLMJudge, view_grid
-from flux3d.records import FAILED, OK, REJECTED, AssetRecord, StageResult, Timer, params_hash
-from flux3d.runner import StageRun, run_batched, run_stage
+from flux3d.records import FAILED, OK, REJECTED, StageResult, Timer, params_hash
+from flux3d.runner import Stage, StageRun, gpu_request, run_local
 from flux3d.stages.blender_render import view_sets
 from flux3d.stages.render import load_views, render_params
 from flux3d.storage import Storage
@@ -82,56 +82,59 @@ def curation_views(render_dir: str, cfg: Config, storage: Storage, limit: int | 
 
 
 # -- score ------------------------------------------------------------------------------------------------------
-def score_batch(recs: list[AssetRecord], render_dirs: dict[str, str], scorer: Any, cfg: Config,
-                storage: Storage) -> list[StageResult]:
-    """Aesthetic + heuristic for a batch of assets: one scorer pass over all their views."""
+def score_batch(rows: list[dict[str, Any]], scorer: Any, cfg: Config, storage: Storage) -> list[StageResult]:
+    """Aesthetic + heuristic for a batch of rendered assets (sha256, render_dir): one scorer pass over their views."""
     from PIL import Image
 
-    def load(rec: AssetRecord) -> list[np.ndarray] | str:
+    def load(row: dict[str, Any]) -> list[np.ndarray] | str:
         try:
-            return curation_views(render_dirs[rec.sha256], cfg, storage)
+            return curation_views(row["render_dir"], cfg, storage)
         except (OSError, KeyError, ValueError) as e:
             return f"{type(e).__name__}: {e}"
 
     with Timer() as t, ThreadPoolExecutor(max_workers=4) as pool:
-        loaded = list(pool.map(load, recs))
+        loaded = list(pool.map(load, rows))
         images = [Image.fromarray(v, "RGBA") for views in loaded if not isinstance(views, str) for v in views]
         scores = scorer.score(images) if images else np.empty(0)
-    per_asset = t.seconds / max(len(recs), 1)
+    per_asset = t.seconds / max(len(rows), 1)
     out, k = [], 0
-    for rec, views in zip(recs, loaded):
+    for row, views in zip(rows, loaded):
         if isinstance(views, str):
-            out.append(StageResult(rec.sha256, FAILED, "missing_render", views, seconds=per_asset,
+            out.append(StageResult(row["sha256"], FAILED, "missing_render", views, seconds=per_asset,
                                    columns={n: None for n in SCORE_COLUMNS.names}))
             continue
         s = scores[k:k + len(views)]
         k += len(views)
         magenta, flat = texture_fractions(views)
-        out.append(StageResult(rec.sha256, OK, seconds=per_asset, columns={
+        out.append(StageResult(row["sha256"], OK, seconds=per_asset, columns={
             "aesthetic_scores": s.astype(np.float32).tolist(), "aesthetic_mean": float(s.mean()),
             "magenta_fraction": magenta, "flat_fraction": flat, "scorer": scorer.name}))
     return out
 
 
+def score_stage(cfg: Config, storage: Storage, catalog: Catalog, scorer: Any = None) -> Stage:
+    """The scorer is loaded once per worker (`scorer` is a test hook); a batch is as many assets as fill one
+    `curate.batch_size` forward pass with their curation views."""
+    params = score_params(cfg)
+
+    def setup() -> Any:
+        from flux3d.curation.aesthetic import AestheticScorer
+
+        return scorer if scorer is not None else AestheticScorer.load(cfg.curate)
+
+    return Stage(name="score", params=params, columns=SCORE_COLUMNS, setup=setup,
+                 plan=lambda: catalog.todo("score", params, after=["render"], result_columns=("state", "render_dir"),
+                                           asset_columns=("sha256",)),
+                 apply=lambda model, rows: score_batch(rows, model, cfg, storage),
+                 batch=max(1, cfg.curate.batch_size // cfg.render.curation_views),
+                 gpus=gpu_request(cfg.curate.device), timeout_s=600.0)
+
+
 def run_score(cfg: Config, storage: Storage, catalog: Catalog, scorer: Any = None,
               limit: int | None = None) -> StageRun:
     """Score every rendered asset not yet scored with these params; the scorer is loaded once, only if needed."""
-    params = score_params(cfg)
-    todo = catalog.todo("score", params, after=["render"], result_columns=("state", "render_dir"),
-                        asset_columns=("source", "file_identifier", "sha256", "format"))
-    if limit is not None:
-        todo = todo.slice(0, limit)
-    if not todo.num_rows:
-        return StageRun("score")
-    if scorer is None:
-        from flux3d.curation.aesthetic import AestheticScorer
-
-        scorer = AestheticScorer.load(cfg.curate)
-    render_dirs = dict(zip(todo["sha256"].to_pylist(), todo["render_dir"].to_pylist()))
-    views = cfg.render.curation_views
-    return run_batched("score", lambda recs: score_batch(recs, render_dirs, scorer, cfg, storage), records(todo),
-                       batch_size=max(1, cfg.curate.batch_size // views),
-                       commit=lambda rs: catalog.write_results("score", params, rs, SCORE_COLUMNS))
+    return run_local(score_stage(cfg, storage, catalog, scorer), catalog, batch_size=cfg.ingest.batch_size,
+                     limit=limit)
 
 
 # -- curate -----------------------------------------------------------------------------------------------------
@@ -181,25 +184,36 @@ def curate_one(row: dict[str, Any], cfg: Config, rule: str, key: str, verdicts: 
     return StageResult(row["sha256"], state, d.reason, seconds=t.seconds, columns=cols)
 
 
+def curate_stage(cfg: Config, storage: Storage, catalog: Catalog, judge: VLMJudge | None = None) -> Stage:
+    """Decisions under the current policy; `setup` gathers the VLM verdicts already known under this key (so a
+    re-decision asks only for the missing ones) and the judge (`judge` is a test hook)."""
+    params = curate_params(cfg)
+    rule = effective_rule(cfg.curate, cfg.vlm.endpoint)
+    key = vlm_key(cfg)
+
+    def setup() -> tuple[VLMJudge | None, dict[str, tuple[str, str]]]:
+        if rule == "heuristic":
+            return None, {}
+        return judge or VLMJudge(cfg.vlm), known_verdicts(catalog, key)
+
+    def one(model: tuple[VLMJudge | None, dict[str, tuple[str, str]]], row: dict[str, Any]) -> StageResult:
+        return curate_one(row, cfg, rule, key, model[1], model[0], storage)
+
+    return Stage(name="curate", params=params, columns=CURATE_COLUMNS, setup=setup, apply=one,
+                 plan=lambda: catalog.todo("curate", params, after=["inspect", "render", "score"],
+                                           result_columns=("state", "missing_textures", "missing_images",
+                                                           "render_dir", "aesthetic_mean", "magenta_fraction",
+                                                           "flat_fraction"),
+                                           asset_columns=("source", "sha256")),
+                 workers=cfg.vlm.concurrency if rule != "heuristic" else 1, cpus=0.5,
+                 timeout_s=cfg.vlm.timeout_s * cfg.vlm.max_attempts * cfg.vlm.parse_attempts + 60)
+
+
 def run_curate(cfg: Config, storage: Storage, catalog: Catalog, judge: VLMJudge | None = None,
                limit: int | None = None) -> StageRun:
     """Decide every scored asset not yet decided under this policy (VLM calls `vlm.concurrency` at a time)."""
-    params = curate_params(cfg)
-    rule = effective_rule(cfg.curate, cfg.vlm.endpoint)
-    todo = catalog.todo("curate", params, after=["inspect", "render", "score"],
-                        result_columns=("state", "missing_textures", "missing_images", "render_dir", "aesthetic_mean",
-                                        "magenta_fraction", "flat_fraction"),
-                        asset_columns=("source", "sha256"))
-    if limit is not None:
-        todo = todo.slice(0, limit)
-    key = vlm_key(cfg)
-    verdicts = known_verdicts(catalog, key) if rule != "heuristic" else {}
-    if judge is None and rule != "heuristic":
-        judge = VLMJudge(cfg.vlm)
-    rows = (row for batch in todo.to_batches(4096) for row in batch.to_pylist())
-    return run_stage("curate", lambda row: curate_one(row, cfg, rule, key, verdicts, judge, storage), rows,
-                     workers=cfg.vlm.concurrency if rule != "heuristic" else 1, batch_size=cfg.ingest.batch_size,
-                     commit=lambda rs: catalog.write_results("curate", params, rs, CURATE_COLUMNS))
+    return run_local(curate_stage(cfg, storage, catalog, judge), catalog, batch_size=cfg.ingest.batch_size,
+                     limit=limit)
 
 
 def curation_table(catalog: Catalog) -> pa.Table:

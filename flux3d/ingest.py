@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import pyarrow.compute as pc
 import requests
 
-from flux3d.catalog import Catalog, records
+from flux3d.catalog import Catalog, as_record
 from flux3d.config import Config
-from flux3d.records import AssetRecord, StageResult, params_hash
-from flux3d.runner import StageRun, run_stage
+from flux3d.records import StageResult, params_hash
+from flux3d.runner import Stage, StageRun, run_local
 from flux3d.sources import list_source, parse_spec
 from flux3d.stages.download import DOWNLOAD_COLUMNS, download_asset, download_params
 from flux3d.stages.inspect import INSPECT_COLUMNS, INSPECT_VERSION, inspect_asset
@@ -67,28 +67,40 @@ def list_sources(cfg: Config, catalog: Catalog, specs: Sequence[str]) -> dict[st
     return counts
 
 
-def run_download(cfg: Config, storage: Storage, catalog: Catalog) -> StageRun:
+def download_stage(cfg: Config, storage: Storage, catalog: Catalog) -> Stage:
+    def setup() -> requests.Session:  # one connection pool per worker, shared by its threads
+        session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=cfg.download.workers)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
+
     params = download_params(cfg)
-    todo = catalog.todo("download", params)
-    session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_maxsize=cfg.download.workers)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return run_stage("download", lambda r: download_asset(r, cfg, storage, session), records(todo),
-                     workers=cfg.download.workers, batch_size=cfg.ingest.batch_size,
-                     commit=lambda rs: catalog.write_results("download", params, rs, DOWNLOAD_COLUMNS))
+    return Stage(name="download", params=params, columns=DOWNLOAD_COLUMNS, setup=setup,
+                 plan=lambda: catalog.todo("download", params),
+                 apply=lambda session, row: download_asset(as_record(row), cfg, storage, session),
+                 workers=cfg.download.workers, cpus=0.25)  # I/O bound: many downloads share a core
+
+
+def inspect_stage(cfg: Config, storage: Storage, catalog: Catalog) -> Stage:
+    params = inspect_params(cfg)
+
+    def one(_: None, row: dict) -> StageResult:
+        return inspect_asset(storage.local_copy(row["local_path"]), row["format"], row["sha256"], cfg.inspect)
+
+    return Stage(name="inspect", params=params, columns=INSPECT_COLUMNS, apply=one,
+                 plan=lambda: catalog.todo("inspect", params, after=["download"],
+                                           result_columns=("state", "local_path"),
+                                           asset_columns=("source", "file_identifier", "sha256", "format")),
+                 workers=cfg.inspect.workers, timeout_s=cfg.inspect.timeout_s * 2 + 60)
+
+
+def run_download(cfg: Config, storage: Storage, catalog: Catalog) -> StageRun:
+    return run_local(download_stage(cfg, storage, catalog), catalog, batch_size=cfg.ingest.batch_size)
 
 
 def run_inspect(cfg: Config, storage: Storage, catalog: Catalog) -> StageRun:
-    params = inspect_params(cfg)
-    todo = catalog.todo("inspect", params, after=["download"], result_columns=("state", "local_path"),
-                        asset_columns=("source", "file_identifier", "sha256", "format"))
-
-    def one(rec: AssetRecord) -> StageResult:
-        return inspect_asset(storage.local_copy(rec.local_path), rec.format, rec.sha256, cfg.inspect)
-
-    return run_stage("inspect", one, records(todo), workers=cfg.inspect.workers, batch_size=cfg.ingest.batch_size,
-                     commit=lambda rs: catalog.write_results("inspect", params, rs, INSPECT_COLUMNS))
+    return run_local(inspect_stage(cfg, storage, catalog), catalog, batch_size=cfg.ingest.batch_size)
 
 
 def ingest(cfg: Config, specs: Sequence[str]) -> IngestSummary:

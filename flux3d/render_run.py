@@ -9,27 +9,34 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from flux3d.catalog import Catalog, records
+from flux3d.catalog import Catalog
 from flux3d.config import Config
-from flux3d.records import AssetRecord, StageResult
-from flux3d.runner import StageRun, run_stage
+from flux3d.records import StageResult
+from flux3d.runner import Stage, StageRun, gpu_request, run_local
 from flux3d.stages.render import RENDER_COLUMNS, render_asset, render_params, render_views
 from flux3d.storage import Storage
 
 
+def render_stage(cfg: Config, storage: Storage, catalog: Catalog, worker: Callable = render_views) -> Stage:
+    """`worker` is the Blender child's work (a test hook)."""
+    params = render_params(cfg.render)
+
+    def one(_: None, row: dict) -> StageResult:
+        return render_asset(storage.local_copy(row["local_path"]), row["format"], row["sha256"], cfg.render,
+                            storage, worker=worker)
+
+    # Blender renders with every core it is given: a Ray task claims `threads` CPUs (all of a small node when 0).
+    return Stage(name="render", params=params, columns=RENDER_COLUMNS, apply=one, workers=cfg.render.workers,
+                 plan=lambda: catalog.todo("render", params, after=["download", "inspect"],
+                                           result_columns=("state", "local_path"),
+                                           asset_columns=("source", "file_identifier", "sha256", "format")),
+                 cpus=float(cfg.render.threads or 2), gpus=gpu_request("cuda" if cfg.render.device == "optix" else cfg.render.device),
+                 timeout_s=cfg.render.timeout_s * 1.5 + 60)
+
+
 def run_render(cfg: Config, storage: Storage, catalog: Catalog, limit: int | None = None,
                worker: Callable = render_views) -> StageRun:
-    """Render up to `limit` pending assets (None = all). `worker` is the child's work (a test hook)."""
+    """Render up to `limit` pending assets (None = all)."""
     storage.sweep_tmp("renders")  # unfinished render folders of killed workers
-    params = render_params(cfg.render)
-    todo = catalog.todo("render", params, after=["download", "inspect"], result_columns=("state", "local_path"),
-                        asset_columns=("source", "file_identifier", "sha256", "format"))
-    if limit is not None:
-        todo = todo.slice(0, limit)
-
-    def one(rec: AssetRecord) -> StageResult:
-        return render_asset(storage.local_copy(rec.local_path), rec.format, rec.sha256, cfg.render, storage,
-                            worker=worker)
-
-    return run_stage("render", one, records(todo), workers=cfg.render.workers, batch_size=cfg.ingest.batch_size,
-                     commit=lambda rs: catalog.write_results("render", params, rs, RENDER_COLUMNS))
+    return run_local(render_stage(cfg, storage, catalog, worker), catalog, batch_size=cfg.ingest.batch_size,
+                     limit=limit)

@@ -1,8 +1,9 @@
-"""Local execution of a stage over many assets: bounded parallelism, results committed in batches.
+"""A catalog stage as data (`Stage`), and its local execution: bounded parallelism, results committed in batches.
 
-This is the embedded executor (`flux3d ingest` on one machine). The Prefect + Ray flows hand the same stage
-functions batches of records instead; both commit results through `Catalog.write_results`, so the catalog is the
-one record of progress whichever ran the work.
+A `Stage` says what is left to do (`plan`, from the catalog) and how to do one unit of it (`apply`, with what
+`setup` built once per worker), independent of what runs it. `run_local` is the embedded executor (`flux3d render`
+and friends on one machine); the Prefect + Ray flows (`flux3d.flows`) run the same `Stage` on Ray. Both commit
+results through `Catalog.write_results`, so the catalog is the one record of progress whichever ran the work.
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+import pyarrow as pa
 
 from flux3d.records import StageResult
+
+if TYPE_CHECKING:
+    from flux3d.catalog import Catalog
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,6 +50,77 @@ class StageRun:
     @property
     def per_second(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(slots=True, kw_only=True)
+class Stage:
+    """One catalog stage, ready to run anywhere.
+
+    `apply(model, unit)` turns one catalog row (a dict) into a `StageResult`; for a batched stage (`batch` > 0) the
+    unit is a list of up to `batch` rows and it returns one result per row. `setup()` builds what is expensive
+    (a model, an HTTP session) once per worker: once per local run, once per Ray actor. `apply` and `setup` are
+    shipped to Ray workers, so they close over config and storage only, never over the catalog's tables.
+    """
+
+    name: str
+    params: str
+    """Hash of what determines the outcome: results carry it and a re-run skips what is final for it."""
+    columns: pa.Schema | None
+    """The stage's own result columns."""
+    plan: Callable[[], pa.Table]
+    """Catalog rows still to do (one per sha256 for content stages)."""
+    apply: Callable[[object, object], object]
+    setup: Callable[[], object] | None = None
+    batch: int = 0
+    workers: int = 1
+    """Units in flight at once per worker (local threads; concurrent calls per Ray actor)."""
+    cpus: float = 1.0
+    """Ray resources per task, or per actor for a stage with `setup`."""
+    gpus: float | None = 0.0
+    """None: one GPU where the Ray cluster has GPUs, else none (a device = "auto" model)."""
+    timeout_s: float | None = None
+    """Wall-clock limit per unit on Ray, after which its worker is killed and the unit recorded failed:timeout.
+    Stages that bound their own child processes (inspect, render) set it above their own limit, as a backstop."""
+
+
+def gpu_request(device: str) -> float | None:
+    """Ray GPUs per worker for a model's `device` setting: cuda needs one, auto takes one where there are any."""
+    return {"cuda": 1.0, "cpu": 0.0}.get(device)
+
+
+def unit_rows(stage: Stage, rows: Iterable[dict]) -> Iterator[object]:
+    """The units `stage.apply` takes: rows one by one, or lists of `stage.batch` rows."""
+    it = iter(rows)
+    if not stage.batch:
+        yield from it
+        return
+    while chunk := list(itertools.islice(it, stage.batch)):
+        yield chunk
+
+
+def table_rows(table: pa.Table) -> Iterator[dict]:
+    """Rows of a catalog table as dicts, a batch at a time (a million rows never sit in memory as dicts)."""
+    for batch in table.to_batches(max_chunksize=4096):
+        yield from batch.to_pylist()
+
+
+def run_local(stage: Stage, catalog: Catalog, *, batch_size: int, limit: int | None = None) -> StageRun:
+    """Run what `stage` still has to do (at most `limit` assets) in this process; `setup` only if there is work.
+    Results are committed every `batch_size` assets (every batch for a batched stage)."""
+    def commit(results: list[StageResult]) -> None:
+        catalog.write_results(stage.name, stage.params, results, stage.columns)
+
+    todo = stage.plan()
+    if limit is not None:
+        todo = todo.slice(0, limit)
+    if not todo.num_rows:
+        return StageRun(stage.name)
+    model = stage.setup() if stage.setup is not None else None
+    if stage.batch:
+        return run_batched(stage.name, lambda rows: stage.apply(model, rows), table_rows(todo),
+                           batch_size=stage.batch, commit=commit)
+    return run_stage(stage.name, lambda row: stage.apply(model, row), table_rows(todo), workers=stage.workers,
+                     batch_size=batch_size, commit=commit)
 
 
 def _bounded(fn: Callable[[T], StageResult], items: Iterable[T], workers: int) -> Iterator[StageResult]:

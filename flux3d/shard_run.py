@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ INDEX_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("split"
                           ("num_voxels", pa.int64()), ("bytes", pa.int64()), ("source", pa.string()),
                           ("license", pa.string())])
 UPSTREAM = ("render", "curate", "voxelize", "encode")
+MapFn = Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]
 
 
 @dataclass
@@ -60,7 +62,8 @@ def kept_rows(cfg: Config, catalog: Catalog) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["sha256"])
 
 
-def run_shard(cfg: Config, storage: Storage, catalog: Catalog) -> ShardRun:
+def run_shard(cfg: Config, storage: Storage, catalog: Catalog, map_fn: MapFn | None = None) -> ShardRun:
+    """`map_fn(fn, items)` prepares samples in input order (threads here; the flows pass a Ray fan-out)."""
     t0 = time.perf_counter()
     rows = kept_rows(cfg, catalog)
     if not rows:
@@ -83,7 +86,8 @@ def run_shard(cfg: Config, storage: Storage, catalog: Catalog) -> ShardRun:
             return StageResult(row["sha256"], FAILED, e.reason, str(e))
 
     def items(todo: list[dict[str, Any]]):  # noqa: ANN202 - the ready items, failures set aside
-        for out in ordered_map(prepare, todo, cfg.shard.workers):
+        mapped = map_fn(prepare, todo) if map_fn else ordered_map(prepare, todo, cfg.shard.workers)
+        for out in mapped:
             if isinstance(out, StageResult):
                 failures.append(out)
             else:
