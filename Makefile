@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= data,ml,dev
+EXTRAS ?= data,ml,flow,dev
 DEMO_ROOT ?= data/demo
 
 .PHONY: demo test bench clean

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from flux3d.config_features import BACKGROUNDS, EncodeConfig, ShardConfig, VoxelizeConfig
+from flux3d.config_flow import FlowConfig
 
 
 @dataclass(kw_only=True, slots=True)
@@ -287,6 +288,7 @@ class Config:
     voxelize: VoxelizeConfig = field(default_factory=VoxelizeConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
 
     def __post_init__(self) -> None:
         if not self.vlm.endpoint and self.curate.texture_rule not in ("auto", "heuristic"):
@@ -355,12 +357,20 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return _build(Config, data, "")
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Load a TOML config file (None = all defaults), then apply dotted overrides like {"storage.root": "/tmp/r"}."""
-    data: dict[str, Any] = {}
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                recipe: str | None = None) -> Config:
+    """Load a TOML config file (None = all defaults) over a named recipe (`flux3d.recipes`), then apply dotted
+    overrides like {"storage.root": "/tmp/r"}."""
+    from flux3d.recipes import recipe as named
+
+    data: dict[str, Any] = named(recipe) if recipe else {}
     if path is not None:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            for section, values in tomllib.load(f).items():
+                if isinstance(values, dict) and isinstance(data.get(section), dict):
+                    data[section].update(values)
+                else:
+                    data[section] = values
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

@@ -1,12 +1,17 @@
-"""Procedural demo assets, made by the code itself so `make demo` needs nothing downloaded.
+"""Procedural demo assets and tiny demo models, made by the code itself so `make demo` needs nothing downloaded.
 
 A small, honest mix: textured assets that pass inspect, and inputs every 3D pipeline meets in the wild (an
 untextured model, a truncated file, an empty file, a text file with a 3D extension) that must be dropped with
 reasons. Assets are written once; re-running the demo reuses them byte for byte.
+
+The models are the real classes at toy sizes with seeded random weights (a ViT open_clip tower under the real
+LAION head, a FLUX-shaped AutoencoderKL with 16 latent channels): the pipeline runs exactly as it would with the
+real weights, only the scores and latents mean nothing.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -80,3 +85,64 @@ def make_demo_assets(folder: str) -> list[str]:
     if not os.path.exists(os.path.join(folder, "striped_sphere.obj")):
         _sphere_obj(folder)
     return paths
+
+
+TINY_CLIP = {"embed_dim": 768, "quick_gelu": True,  # 768: the LAION head's input width
+             "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 14},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+
+
+def make_demo_models(folder: str) -> dict[str, dict[str, object]]:
+    """Write the tiny scorer and encoder into `folder` (once) and return the config sections that use them."""
+    import open_clip
+    import torch
+    from diffusers import AutoencoderKL
+
+    from flux3d.curation.aesthetic import head_module
+
+    os.makedirs(folder, exist_ok=True)
+    clip_cfg, clip_ckpt = os.path.join(folder, "demo_clip.json"), os.path.join(folder, "demo_clip.pt")
+    head, vae = os.path.join(folder, "demo_aesthetic_head.pth"), os.path.join(folder, "demo_vae")
+    if not os.path.exists(clip_cfg):
+        with open(clip_cfg, "w") as f:
+            json.dump(TINY_CLIP, f)
+    open_clip.add_model_config(clip_cfg)
+    torch.manual_seed(0)
+    if not os.path.exists(clip_ckpt):
+        torch.save(open_clip.create_model("demo_clip", pretrained=None).state_dict(), clip_ckpt)
+    if not os.path.exists(head):
+        torch.save(head_module().state_dict(), head)
+    if not os.path.exists(os.path.join(vae, "vae", "config.json")):
+        AutoencoderKL(latent_channels=16, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+                      down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                      norm_num_groups=8, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                      use_post_quant_conv=False).save_pretrained(os.path.join(vae, "vae"))  # FLUX's 8x, 16 ch
+    return {
+        # Random scores mean nothing: keep every asset the texture checks pass.
+        "curate": {"clip_model": "demo_clip", "clip_pretrained": clip_ckpt, "clip_model_config": clip_cfg,
+                   "aesthetic_head": head, "aesthetic_threshold": -1e9, "aesthetic_thresholds": {}, "batch_size": 8},
+        "encode": {"encoder": "flux_vae", "location": vae},
+    }
+
+
+def write_demo_config(root: str) -> str:
+    """The demo's run config: the `debug` recipe's sizes plus the demo models, as a TOML file a user can read."""
+    from flux3d.recipes import recipe
+
+    sections = recipe("debug")
+    for name, values in make_demo_models(os.path.join(root, "demo-models")).items():
+        sections.setdefault(name, {}).update(values)
+    lines = ["# Written by `flux3d demo`: the debug recipe's toy sizes, and tiny random models.", ""]
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        for key, value in values.items():
+            if isinstance(value, dict):
+                value = "{" + ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items()) + "}"
+            else:
+                value = json.dumps(value)
+            lines.append(f"{key} = {value}")
+        lines.append("")
+    path = os.path.join(root, "demo.toml")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
