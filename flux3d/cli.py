@@ -224,18 +224,99 @@ def _run_asset_stage(run, config: Path | None, root: str | None, limit: int | No
                   STATE_COLUMNS, ("processed",))
 
 
-@app.command()
-def demo(root: RootOpt = None, config: ConfigOpt = None) -> None:
-    """The main job on procedurally generated assets: ingest + inspect, then the status report."""
-    from flux3d.demo import make_demo_assets
-    from flux3d.ingest import ingest as run_ingest
+SourceOpt = Annotated[Optional[list[str]], typer.Option("--source", help="Source spec as for `flux3d ingest`; "
+                                                                     "repeatable.")]
+RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", help="Named settings under --config: paper | debug.")]
+RayOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to use (auto, host:port, "
+                                                                   "ray://...); default: start a local Ray.")]
+
+
+def _run_flow(which: str, root: str | None, source: list[str] | None, config: Path | None, recipe: str | None,
+              ray_address: str | None) -> dict:
+    """Run a flow (Prefect's ephemeral API unless PREFECT_API_URL names a server) and print what it did."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flux3d.flows.data import data_flow
+    from flux3d.flows.pipeline import pipeline_flow
 
     _setup_logging(False)
-    cfg = _config(config, root or "data/demo")
-    assets = os.path.join(os.path.expanduser(cfg.storage.root), "demo-assets")
+    cfg = _config(config, root)  # validates the config before anything starts
+    fn = {"data": data_flow, "pipeline": pipeline_flow}[which]
+    state = fn(root=cfg.storage.root, sources=list(source or []), config=str(config) if config else None,
+               recipe=recipe, ray_address=ray_address, return_state=True)
+    out = state.result()
+    data = out if which == "data" else out["data"]
+    for spec, n in data["listed"].items():
+        typer.echo(f"listed {n} new asset(s) from {spec}")
+    rows = [(name, r["states"], r["reasons"], [str(r["processed"]), f"{r['seconds']:.1f}"])
+            for name, r in data["stages"].items()]
+    _print_counts(f"{which} flow: this run", rows, STATE_COLUMNS, ("processed", "seconds"))
+    shards = data["shards"]
+    if shards["version"]:
+        s = shards["stats"]
+        typer.echo(f"dataset version {shards['version']}: {s['assets']['train']} train / {s['assets']['val']} val "
+                   f"assets in {s['shards']['train'] + s['shards']['val']} shards at {shards['path']}")
+    typer.echo(f"prefect flow run {state.state_details.flow_run_id}: `flux3d dashboard` shows it with its artifacts")
+    return out
+
+
+@app.command()
+def data(source: SourceOpt = None, root: RootOpt = None, config: ConfigOpt = None, recipe: RecipeOpt = None,
+         ray_address: RayOpt = None) -> None:
+    """The data flow (Prefect + Ray): list sources, then download ... encode and shard what is not done yet."""
+    _run_flow("data", root, source, config, recipe, ray_address)
+
+
+@app.command()
+def pipeline(source: SourceOpt = None, root: RootOpt = None, config: ConfigOpt = None, recipe: RecipeOpt = None,
+             ray_address: RayOpt = None) -> None:
+    """The whole chain: the data flow, then every model step there is (training, evaluation)."""
+    _run_flow("pipeline", root, source, config, recipe, ray_address)
+
+
+@app.command()
+def dashboard(host: str = "127.0.0.1", port: int = 4200) -> None:
+    """Start the Prefect server and UI (every flow run of this machine, with its artifacts) until Ctrl-C."""
+    from flux3d.flows.deploy import start_server
+
+    proc, api = start_server(host, port)
+    typer.echo(f"Prefect UI: http://{host}:{port}  (API {api}; export PREFECT_API_URL={api} to run flows "
+               "against it)")
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+
+
+@app.command()
+def deploy(source: SourceOpt = None, root: RootOpt = None, config: ConfigOpt = None, recipe: RecipeOpt = None,
+           ray_address: RayOpt = None, cron: Annotated[Optional[str], typer.Option(help="Retraining schedule (default: flow.retrain_cron).")]
+           = None) -> None:
+    """Register the data, pipeline and retrain (cron) deployments with the Prefect server in PREFECT_API_URL and
+    serve them from this process until Ctrl-C."""
+    from flux3d.flows.deploy import serve
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise typer.BadParameter("set PREFECT_API_URL to a Prefect server (e.g. one `flux3d dashboard` started)")
+    cfg = _config(config, root, **{"flow.retrain_cron": cron})
+    typer.echo(f"serving deployments flux3d-data/data, flux3d-pipeline/pipeline, flux3d-retrain/retrain "
+               f"(cron {cfg.flow.retrain_cron!r} {cfg.flow.timezone}) against {os.environ['PREFECT_API_URL']}")
+    serve(cfg.storage.root, list(source or []), str(config.resolve()) if config else None, recipe, ray_address,
+          cfg.flow.retrain_cron, cfg.flow.timezone)
+
+
+@app.command()
+def demo(root: RootOpt = None) -> None:
+    """The main job on procedurally generated assets and tiny models: the whole pipeline, end to end, on CPU."""
+    from flux3d.demo import make_demo_assets, write_demo_config
+
+    root = os.path.abspath(os.path.expanduser(root or "data/demo"))
+    assets = os.path.join(root, "demo-assets")
     make_demo_assets(assets)
-    _print_summary(run_ingest(cfg, [f"local:{assets}"]))
-    status(root=cfg.storage.root, config=None, as_json=False)
+    config = Path(write_demo_config(os.path.join(root, "demo.toml"), os.path.join(root, "demo-models")))
+    out = _run_flow("pipeline", root, [f"local:{assets}"], config, None, None)
+    version = out["dataset_version"]
+    typer.echo(f"where to look: {root}/catalog (flux3d status --root {root}), {root}/renders/*/contact.png, "
+               f"{root}/reports/curation/report.md" + (f", {root}/shards/{version}/" if version else ""))
 
 
 if __name__ == "__main__":

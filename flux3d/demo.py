@@ -125,13 +125,15 @@ def make_demo_models(folder: str) -> dict[str, dict[str, object]]:
     }
 
 
-def write_demo_config(root: str) -> str:
-    """The demo's run config: the `debug` recipe's sizes plus the demo models, as a TOML file a user can read."""
+def write_demo_config(path: str, models: str, overrides: dict[str, dict[str, object]] | None = None) -> str:
+    """The demo's run config at `path`: the `debug` recipe's sizes plus the demo models (made in `models`) plus
+    `overrides`, as a TOML file a user can read."""
     from flux3d.recipes import recipe
 
     sections = recipe("debug")
-    for name, values in make_demo_models(os.path.join(root, "demo-models")).items():
-        sections.setdefault(name, {}).update(values)
+    for extra in (make_demo_models(models), overrides or {}):
+        for name, values in extra.items():
+            sections.setdefault(name, {}).update(values)
     lines = ["# Written by `flux3d demo`: the debug recipe's toy sizes, and tiny random models.", ""]
     for name, values in sections.items():
         lines.append(f"[{name}]")
@@ -142,7 +144,6 @@ def write_demo_config(root: str) -> str:
                 value = json.dumps(value)
             lines.append(f"{key} = {value}")
         lines.append("")
-    path = os.path.join(root, "demo.toml")
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path

@@ -1,0 +1,199 @@
+"""The Prefect + Ray flows end to end: real Prefect (ephemeral API, and a real `prefect server`), real local Ray
+(started by the flow, and a `ray start` cluster joined by address), real Blender renders at toy sizes, and the
+tiny demo models. Each flow runs as the `flux3d` command in its own process, as a user or a scheduler runs it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from flux3d.catalog import Catalog
+from flux3d.demo import make_demo_assets, write_demo_config
+from flux3d.storage import TMP_MARK, Storage
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets"
+STAGES = ("download", "inspect", "render", "score", "curate", "voxelize", "encode")
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "RAY_AUTH_MODE": "disabled", "PREFECT_LOGGING_LEVEL": "WARNING"}
+
+
+def cli(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "flux3d.cli", *args], capture_output=True, text=True, env=env,
+                       timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return p
+
+
+def once_per_key(root: str) -> None:
+    """Every asset was finished once per stage: no stage committed a second result for any key."""
+    catalog = Catalog(Storage(root))
+    for stage in STAGES:
+        res = catalog.results(stage, dedupe=False)
+        keys = res[res.column_names[0]].to_pylist() if res is not None else []
+        assert len(keys) == len(set(keys)), f"{stage}: an asset was completed twice"
+
+
+def tree_digest(root: Path, *folders: str) -> dict[str, str]:
+    out = {}
+    for folder in folders:
+        for p in sorted((root / folder).rglob("*")):
+            if p.is_file() and TMP_MARK not in str(p):
+                out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Procedural assets and the tiny models, shared by the runs below (same paths: same dataset version)."""
+    base = tmp_path_factory.mktemp("demo")
+    make_demo_assets(str(base / "assets"))
+    return base
+
+
+def test_sigkill_mid_stage_then_rerun_matches_an_uninterrupted_run(tmp_path, env, demo):
+    config = write_demo_config(str(tmp_path / "run.toml"), str(demo / "models"),
+                               {"flow": {"batch_size": 1, "commit_every": 1, "concurrent_batches": 2}})
+    source = f"local:{demo / 'assets'}"
+    root = tmp_path / "killed"
+    args = [sys.executable, "-m", "flux3d.cli", "data", "--root", str(root), "--source", source, "--config", config]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    renders = root / "catalog" / "render"
+    deadline = time.monotonic() + 400
+    try:
+        while not (renders.is_dir() and any(renders.glob("*.parquet"))):  # the first render committed
+            assert proc.poll() is None, "the flow ended before it could be killed mid-render"
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray and every worker and Blender child
+        proc.wait()
+    rendered_before = Catalog(Storage(str(root))).results("render").num_rows
+    assert 1 <= rendered_before < 3, "killed mid-stage: some but not all renders done"
+
+    out = cli(env, "data", "--root", str(root), "--source", source, "--config", config).stdout
+    assert "dataset version" in out
+    once_per_key(str(root))
+    render_line = next(line for line in out.splitlines() if line.startswith("│ render"))
+    assert render_line.split("│")[1:-1][-2].strip() == str(3 - rendered_before)  # only what was left
+
+    # The same flow, uninterrupted, in another root: the same bytes. (Not the plain stage commands: their encoder
+    # runs with every core, a Ray worker with its one CPU, and float sums in another order round differently.)
+    clean = tmp_path / "clean"
+    cli(env, "data", "--root", str(clean), "--source", source, "--config", config)
+    a, b = (tree_digest(r, "shards", "features", "voxels") for r in (root, clean))
+    assert a == b and any(k.endswith(".tar") for k in a)
+    # Nothing partial under a final name: every shard reads back (the loader checks every sample).
+    from flux3d.training.data import make_loader, shard_urls
+
+    version = (root / "shards" / "LATEST").read_text()
+    urls = shard_urls(str(root / "shards" / version), "train") + shard_urls(str(root / "shards" / version), "val")
+    assert sum(len(b.keys) for b in make_loader(urls, batch_size=2, num_workers=0)) == 3
+
+
+@pytest.mark.shared_assets
+def test_data_flow_on_shared_assets_good_reach_shards_bad_recorded(tmp_path, env, demo):
+    if not SHARED.is_dir():
+        pytest.skip("../shared/assets absent")
+    config = write_demo_config(str(tmp_path / "run.toml"), str(demo / "models"), {"flow": {"batch_size": 8}})
+    root = str(tmp_path / "root")
+    cli(env, "data", "--root", root, "--source", f"local:{SHARED / 'good'}", "--source", f"local:{SHARED / 'bad'}",
+        "--config", config, timeout=1200)
+    table = Catalog(Storage(root)).table([*STAGES, "shard"])
+    rows = {Path(r["file_identifier"]).relative_to(SHARED).as_posix(): r for r in table.to_pylist()}
+    good = {k: r for k, r in rows.items() if k.startswith("good/")}
+    bad = {k: r for k, r in rows.items() if k.startswith("bad/")}
+    assert len(good) >= 8 and len(bad) >= 8
+    for name, r in good.items():
+        assert r["shard_state"] == "ok", (name, {s: (r[f"{s}_state"], r[f"{s}_reason"]) for s in STAGES})
+    for name, r in bad.items():
+        stopped = [s for s in STAGES if r[f"{s}_state"] not in (None, "ok")]
+        assert stopped and r[f"{stopped[0]}_reason"], (name, "a bad asset must be stopped with a reason")
+        assert r["shard_state"] is None
+    once_per_key(root)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_deployment_with_cron_runs_on_a_ray_cluster_joined_by_address(tmp_path, env, demo):
+    """`flux3d dashboard`'s server, `flux3d deploy` serving the deployments, and a data run triggered through
+    the API, executed against a Ray cluster started with `ray start` (the cluster path: address mode)."""
+    from flux3d.flows.deploy import start_server
+
+    config = write_demo_config(str(tmp_path / "run.toml"), str(demo / "models"))
+    root = str(tmp_path / "root")
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    ray_port = _free_port()
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    subprocess.run([ray_bin, "start", "--head", f"--port={ray_port}", "--num-cpus=2", "--include-dashboard=false",
+                    f"--temp-dir={ray_tmp}", "--disable-usage-stats"], env=env, check=True, capture_output=True,
+                   timeout=120)
+    os.environ["PREFECT_HOME"] = env["PREFECT_HOME"]
+    server, api = start_server(port=_free_port())
+    env = {**env, "PREFECT_API_URL": api}
+    serving = subprocess.Popen([sys.executable, "-m", "flux3d.cli", "deploy", "--root", root, "--source",
+                                f"local:{demo / 'assets'}", "--config", config, "--ray-address",
+                                f"127.0.0.1:{ray_port}", "--cron", "0 4 * * 1"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                names = {d.name: d for d in client.read_deployments()}
+                if {"data", "pipeline", "retrain"} <= set(names):
+                    break
+                assert serving.poll() is None, serving.stderr.read().decode()[-3000:]
+                assert time.monotonic() < deadline, "deployments not registered"
+                time.sleep(1)
+            retrain = names["retrain"]
+            assert [s.schedule.cron for s in retrain.schedules] == ["0 4 * * 1"] and retrain.schedules[0].active
+            assert not names["data"].schedules
+            assert retrain.parameters["ray_address"] == f"127.0.0.1:{ray_port}"
+
+            run = client.create_flow_run_from_deployment(names["data"].id)
+            deadline = time.monotonic() + 600
+            while not (state := client.read_flow_run(run.id).state).is_final():
+                assert time.monotonic() < deadline, "the triggered run did not finish"
+                time.sleep(2)
+            assert state.is_completed(), state.message
+            artifacts = {a.key for a in client.read_artifacts() if a.key}
+        assert {"render-counts", "render-summary", "curation-report", "shards"} <= artifacts
+        version = Path(root, "shards", "LATEST").read_text()
+        assert Path(root, "shards", version, "stats.json").is_file()
+        once_per_key(root)
+        import ray
+
+        ray.init(address=f"127.0.0.1:{ray_port}", logging_level="WARNING")
+        try:  # the flow's driver joined this cluster (it is in the cluster's job table beside this test)
+            assert len(ray._private.state.jobs()) >= 2
+        finally:
+            ray.shutdown()
+    finally:
+        os.killpg(serving.pid, signal.SIGTERM)
+        serving.wait(timeout=60)
+        server.terminate()
+        server.wait(timeout=60)
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
