@@ -117,6 +117,12 @@ def test_backpressure_never_exceeds_cluster_slots(ray_local):
     assert seen == 12
 
 
+def test_ray_ordered_map_keeps_order_and_every_item(ray_local):
+    from flux3d.flows.executor import ray_ordered_map
+
+    assert list(ray_ordered_map(lambda x: x * x, range(11), window=3)) == [x * x for x in range(11)]
+
+
 def _journal_then_die(root: str, keys: list[str], commit_first: int) -> None:
     from flux3d.flows.journal import Journal
 

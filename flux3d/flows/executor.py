@@ -14,6 +14,8 @@ What can go wrong, and what becomes of it:
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
 import math
 import os
@@ -226,11 +228,9 @@ def ray_ordered_map(fn: Any, items: Iterable[Any], window: int, cpus: float = 1.
     """`fn` over `items` as Ray tasks, results in input order, at most `window` in flight (the shard writer's
     sample preparation: encoding images is the costly part of writing shards, and it fans out across the cluster)."""
     remote = ray.remote(num_cpus=cpus, max_retries=2)(fn)
-    fn_items = iter(items)
-    pending = [remote.remote(x) for x, _ in zip(fn_items, range(window))]
+    it = iter(items)
+    pending = collections.deque(remote.remote(x) for x in itertools.islice(it, window))
     while pending:
-        ref = pending.pop(0)
-        for x in fn_items:
-            pending.append(remote.remote(x))
-            break
+        ref = pending.popleft()
+        pending.extend(remote.remote(x) for x in itertools.islice(it, 1))
         yield ray.get(ref)
