@@ -71,6 +71,10 @@ def shard_task(cfg: Config) -> dict[str, Any]:
             "reasons": r.reasons}
 
 
+def _has_report(cfg: Config) -> bool:
+    return Storage(cfg.storage.root).exists("reports/curation/summary.json")
+
+
 @flow(name="flux3d-data", log_prints=True)
 def data_flow(root: str, sources: list[str] | None = None, config: str | None = None, recipe: str | None = None,
               ray_address: str | None = None) -> dict[str, Any]:
@@ -84,7 +88,7 @@ def data_flow(root: str, sources: list[str] | None = None, config: str | None = 
     stages = {}
     for name in BUILDERS:
         stages[name] = run_stage_flow(name, cfg)
-        if name == "curate":
+        if name == "curate" and (stages[name]["processed"] or not _has_report(cfg)):
             curation_report_task(cfg)
     shards = shard_task(cfg)
     return {"root": root, "listed": listed, "stages": stages, "dataset_version": shards["version"],
