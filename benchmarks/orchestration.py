@@ -26,11 +26,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
-def wait_stage(cfg, storage, catalog, cost=0.0, n=0):  # noqa: ANN001, ANN201 - a BUILDERS entry
+def wait_stage(cfg, storage, catalog, cost=0.0, n=0):
     from flux3d.records import OK, StageResult
     from flux3d.runner import Stage
 
-    def apply(_, row):  # noqa: ANN001, ANN202
+    def apply(_, row):
         if cost:
             time.sleep(cost)
         return StageResult(row["sha256"], OK)

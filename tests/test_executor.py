@@ -22,7 +22,7 @@ from flux3d.storage import Storage
 pytestmark = pytest.mark.integration
 
 
-def behave(model, row):  # noqa: ANN001, ANN201 - a stage function: (model, row) -> StageResult
+def behave(model, row):
     what = row["sha256"].split("-")[0]
     if what == "hang":
         time.sleep(600)
@@ -33,7 +33,7 @@ def behave(model, row):  # noqa: ANN001, ANN201 - a stage function: (model, row)
     return StageResult(row["sha256"], OK, columns={"model": model, "pid": os.getpid()})
 
 
-def behave_batch(model, rows):  # noqa: ANN001, ANN201
+def behave_batch(model, rows):
     return [behave(model, r) for r in rows]
 
 
@@ -48,7 +48,7 @@ def ray_local():
     ray.shutdown()
 
 
-def _stage(**kw) -> Stage:  # noqa: ANN003
+def _stage(**kw) -> Stage:
     return Stage(name="encode", params="p", columns=None, plan=lambda: None, apply=behave, **kw)
 
 
@@ -92,7 +92,7 @@ def test_batched_stage_and_setup_failure(ray_local):
     out = _run(stage, [f"ok-{i}" for i in range(7)])
     assert all(r.state == OK and r.columns["model"] == "scorer" for r in out.values())
 
-    def no_weights():  # noqa: ANN202
+    def no_weights():
         raise FileNotFoundError("weights.safetensors")
 
     with pytest.raises(StageSetupError, match="weights.safetensors"):
@@ -105,7 +105,7 @@ def test_backpressure_never_exceeds_cluster_slots(ray_local):
 
     submitted = []
 
-    def rows():  # noqa: ANN202 - counts how far the executor has pulled the listing
+    def rows():
         for i in range(12):
             submitted.append(i)
             yield {"sha256": f"ok-{i}"}
