@@ -23,7 +23,8 @@ from flux3d.storage import TMP_MARK, Storage
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets"
 STAGES = ("download", "inspect", "render", "score", "curate", "voxelize", "encode")
-pytestmark = pytest.mark.integration
+# Whole flows with Blender renders: minutes each on 2 cores (the suite's 300 s default is for single stages).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture
