@@ -19,7 +19,7 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -229,10 +229,13 @@ class Catalog:
             if f"{up}_state" not in table.column_names:
                 return table.slice(0, 0)
             table = table.filter(pc.fill_null(pc.equal(table[f"{up}_state"], OK), False))
-        key = stage_key(stage)
+        table = self.drop_done(table, stage, params)
+        return first_per_sha(table) if stage_key(stage) == "sha256" else table
+
+    def drop_done(self, table: pa.Table, stage: str, params: str) -> pa.Table:
+        """`table`'s rows whose `stage` result is not final for `params` (a planned batch, re-checked when it runs)."""
         done = pa.array(sorted(self.done_keys(stage, params)), pa.string())
-        table = table.filter(pc.invert(pc.is_in(table[key], value_set=done)))
-        return first_per_sha(table) if key == "sha256" else table
+        return table.filter(pc.invert(pc.is_in(table[stage_key(stage)], value_set=done)))
 
     def status(self) -> dict[str, Any]:
         """Counts per stage and state, and per `state:reason` for everything not ok."""
@@ -269,13 +272,6 @@ def as_record(row: dict[str, Any]) -> AssetRecord:
     values = {k: v for k, v in row.items() if k in AssetRecord.__slots__}
     values["metadata"] = json.loads(row.get("metadata") or "{}")
     return AssetRecord(**values)
-
-
-def records(table: pa.Table, batch_rows: int = 4096) -> Iterator[AssetRecord]:
-    """AssetRecords of catalog rows, converted a batch at a time (a million rows never sit in memory as dicts)."""
-    for batch in table.to_batches(max_chunksize=batch_rows):
-        for row in batch.to_pylist():
-            yield as_record(row)
 
 
 def _left_join(left: pa.Table, right: pa.Table, key: str) -> pa.Table:

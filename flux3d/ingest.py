@@ -79,7 +79,7 @@ def download_stage(cfg: Config, storage: Storage, catalog: Catalog) -> Stage:
     return Stage(name="download", params=params, columns=DOWNLOAD_COLUMNS, setup=setup,
                  plan=lambda: catalog.todo("download", params),
                  apply=lambda session, row: download_asset(as_record(row), cfg, storage, session),
-                 workers=cfg.download.workers, cpus=0.25)  # I/O bound: many downloads share a core
+                 workers=cfg.download.workers, cpus=0.25, sweep=("raw", "tmp"))  # I/O bound: many downloads share a core
 
 
 def inspect_stage(cfg: Config, storage: Storage, catalog: Catalog) -> Stage:
@@ -107,8 +107,7 @@ def ingest(cfg: Config, specs: Sequence[str]) -> IngestSummary:
     t0 = time.perf_counter()
     storage = Storage(cfg.storage.root)
     catalog = Catalog(storage)
-    for folder in ("catalog", "raw", "tmp"):
-        storage.sweep_tmp(folder)
+    storage.sweep_tmp("catalog")  # the stages sweep their own folders (Stage.sweep)
     summary = IngestSummary(listed=list_sources(cfg, catalog, specs))
     summary.stages.append(run_download(cfg, storage, catalog))
     summary.stages.append(run_inspect(cfg, storage, catalog))

@@ -31,12 +31,11 @@ def render_stage(cfg: Config, storage: Storage, catalog: Catalog, worker: Callab
                                            result_columns=("state", "local_path"),
                                            asset_columns=("source", "file_identifier", "sha256", "format")),
                  cpus=float(cfg.render.threads or 2), gpus=gpu_request("cuda" if cfg.render.device == "optix" else cfg.render.device),
-                 timeout_s=cfg.render.timeout_s * 1.5 + 60)
+                 sweep=("renders",), timeout_s=cfg.render.timeout_s * 1.5 + 60)
 
 
 def run_render(cfg: Config, storage: Storage, catalog: Catalog, limit: int | None = None,
                worker: Callable = render_views) -> StageRun:
     """Render up to `limit` pending assets (None = all)."""
-    storage.sweep_tmp("renders")  # unfinished render folders of killed workers
     return run_local(render_stage(cfg, storage, catalog, worker), catalog, batch_size=cfg.ingest.batch_size,
                      limit=limit)

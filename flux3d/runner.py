@@ -78,6 +78,8 @@ class Stage:
     """Ray resources per task, or per actor for a stage with `setup`."""
     gpus: float | None = 0.0
     """None: one GPU where the Ray cluster has GPUs, else none (a device = "auto" model)."""
+    sweep: tuple[str, ...] = ()
+    """Folders where a killed worker of this stage may leave temporary files, swept before planning."""
     timeout_s: float | None = None
     """Wall-clock limit per unit on Ray, after which its worker is killed and the unit recorded failed:timeout.
     Stages that bound their own child processes (inspect, render) set it above their own limit, as a backstop."""
@@ -110,6 +112,8 @@ def run_local(stage: Stage, catalog: Catalog, *, batch_size: int, limit: int | N
     def commit(results: list[StageResult]) -> None:
         catalog.write_results(stage.name, stage.params, results, stage.columns)
 
+    for folder in stage.sweep:
+        catalog.storage.sweep_tmp(folder)
     todo = stage.plan()
     if limit is not None:
         todo = todo.slice(0, limit)

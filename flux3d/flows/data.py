@@ -8,7 +8,6 @@ flow again, or after a crash, does only what is not final yet. Returns the datas
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -20,8 +19,6 @@ from flux3d.flows.artifacts import publish_curation, publish_shards
 from flux3d.flows.executor import connect, ray_ordered_map
 from flux3d.flows.stages import BUILDERS, run_stage_flow
 from flux3d.storage import Storage
-
-log = logging.getLogger(__name__)
 
 
 def flow_config(root: str, config: str | None, recipe: str | None, ray_address: str | None) -> Config:
@@ -36,8 +33,7 @@ def list_task(cfg: Config, sources: list[str]) -> dict[str, int]:
     from flux3d.ingest import list_sources
 
     storage = Storage(cfg.storage.root)
-    for folder in ("catalog", "raw", "tmp"):
-        storage.sweep_tmp(folder)
+    storage.sweep_tmp("catalog")  # the stages sweep their own folders (Stage.sweep)
     return list_sources(cfg, Catalog(storage), sources)
 
 

@@ -9,14 +9,11 @@ retried task or a re-run flow never redoes finished work, and every result goes 
 from __future__ import annotations
 
 import io
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -25,7 +22,7 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flux3d.catalog import Catalog, stage_key
+from flux3d.catalog import Catalog
 from flux3d.config import Config
 from flux3d.curate_run import curate_stage, score_stage
 from flux3d.encode_run import encode_stage
@@ -38,15 +35,11 @@ from flux3d.runner import Stage, StageRun, table_rows, unit_rows
 from flux3d.storage import Storage
 from flux3d.voxelize_run import voxelize_stage
 
-log = logging.getLogger(__name__)
-
 BUILDERS: dict[str, Callable[[Config, Storage, Catalog], Stage]] = {
     "download": download_stage, "inspect": inspect_stage, "render": render_stage, "score": score_stage,
     "curate": curate_stage, "voxelize": voxelize_stage, "encode": encode_stage,
 }
 """The per-asset stages of the data flow, in order. A stage landing later plugs in here."""
-SWEEP = {"download": ("raw", "tmp"), "render": ("renders",)}
-"""Folders where a killed worker of the stage may have left temporary files."""
 
 
 def build(name: str, cfg: Config) -> tuple[Stage, Catalog]:
@@ -78,7 +71,7 @@ def plan_stage(name: str, cfg: Config, run_id: str) -> list[str]:
     replayed = replay(catalog, stage)
     if replayed:
         get_run_logger().warning("%s: committed %d results a killed run had journalled", name, replayed)
-    for folder in SWEEP.get(name, ()):
+    for folder in stage.sweep:
         catalog.storage.sweep_tmp(folder)
     todo = stage.plan()
     manifests = []
@@ -96,9 +89,7 @@ def run_batch(name: str, manifest: str, index: int, cfg: Config) -> dict[str, An
     """Run one manifest's assets on Ray; returns the batch's counts and a few of its outputs for the artifacts."""
     stage, catalog = build(name, cfg)
     connect(cfg.flow.ray_address or None, cfg.flow.ray_num_cpus, cfg.flow.ray_dashboard)
-    rows = pq.read_table(io.BytesIO(catalog.storage.read_bytes(manifest)))
-    done = pa.array(sorted(catalog.done_keys(name, stage.params)), pa.string())
-    rows = rows.filter(pc.invert(pc.is_in(rows[stage_key(name)], value_set=done)))
+    rows = catalog.drop_done(pq.read_table(io.BytesIO(catalog.storage.read_bytes(manifest))), name, stage.params)
     run, samples = StageRun(name), []
     journal = Journal(catalog, stage, cfg.flow.commit_every)
     t0 = time.perf_counter()
