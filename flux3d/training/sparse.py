@@ -10,6 +10,9 @@ waste most of the memory and attention FLOPs. Instead the samples are concatenat
 
 The batch index column is redundant with `offsets`, but scatter/segment ops and sparse convolutions want it per
 row, and computing it once here saves every consumer a `repeat_interleave`.
+
+`patchify` / `unpatchify` are the SMDiT's structured 2^3 patchification of this layout (a kernel-2 stride-2
+sparse convolution written as gather + Linear) and its exact inverse back onto the fine voxels.
 """
 
 from __future__ import annotations
@@ -109,3 +112,71 @@ class SparseBatch:
         """Per-sample (coords (N_i, 3), feats (N_i, C)) views into the packed tensors (no copies)."""
         bounds: list[int] = self.offsets.tolist()
         return [(self.coords[s:e, 1:], self.feats[s:e]) for s, e in itertools.pairwise(bounds)]
+
+
+@dataclass(frozen=True)
+class PatchIndex:
+    """Where each fine voxel went in `patchify`: coarse row `coarse_row[m]`, channel slot `child_slot[m]`.
+
+    The slot of child (dx, dy, dz) in [0, f)^3 is (dx * f + dy) * f + dz, so coarse features are laid out
+    (Mc, f^3, C) flattened to (Mc, f^3 * C): slot-major, channels inside.
+    """
+
+    coarse_row: torch.Tensor  # (M,) int64
+    child_slot: torch.Tensor  # (M,) int64
+    factor: int
+    num_coarse: int
+
+
+def patchify(batch: SparseBatch, factor: int = 2) -> tuple[SparseBatch, PatchIndex]:
+    """Merge each factor^3 block of fine voxels into one coarse voxel whose features hold its children's.
+
+    Coarse voxels are the occupied (b, x // f, y // f, z // f), sorted by (b, x, y, z) and packed per sample.
+    Their features (Mc, f^3 * C) place each child's C features in its slot and zeros where a child is inactive:
+    exactly the im2col input of a kernel-f stride-f sparse convolution, so a Linear(f^3 * C, C') applied to them
+    is that convolution (the structured 2^3 patchification of the SMDiT) and `unpatchify` is its exact inverse.
+    """
+    if factor < 1:
+        raise ValueError(f"factor must be >= 1, got {factor}")
+    if batch.feats.ndim != 2:
+        raise ValueError(f"patchify needs (M, C) feats, got {tuple(batch.feats.shape)}")
+    coords_M4 = batch.coords.to(torch.int64)
+    if len(coords_M4) and int(coords_M4.min()) < 0:
+        raise ValueError("patchify needs non-negative batch indices and voxel coordinates")
+    cells_M4 = torch.cat([coords_M4[:, :1], coords_M4[:, 1:] // factor], dim=1)
+    local_M3 = coords_M4[:, 1:] % factor
+    child_slot = (local_M3[:, 0] * factor + local_M3[:, 1]) * factor + local_M3[:, 2]
+    # Mixed-radix key: sorting by it is sorting by (b, x, y, z), which torch.unique does for us.
+    extent = (cells_M4.amax(0) + 1).tolist() if len(cells_M4) else [1, 1, 1, 1]
+    key_M = torch.zeros(len(cells_M4), dtype=torch.int64, device=cells_M4.device)
+    for col in range(4):
+        key_M = key_M * extent[col] + cells_M4[:, col]
+    coarse_keys, coarse_row = torch.unique(key_M, return_inverse=True)
+    num_coarse, slots = len(coarse_keys), factor**3
+    flat_slot_M = coarse_row * slots + child_slot
+    if len(flat_slot_M) and int(torch.bincount(flat_slot_M, minlength=num_coarse * slots).max()) > 1:
+        raise ValueError("patchify found two voxels with the same (batch, x, y, z)")
+
+    coarse_coords = torch.empty(num_coarse, 4, dtype=torch.int64, device=cells_M4.device)
+    coarse_coords[coarse_row] = cells_M4  # every child of a coarse voxel writes the same cell
+    counts_B = torch.bincount(coarse_coords[:, 0], minlength=batch.batch_size)
+    if len(counts_B) != batch.batch_size:
+        raise ValueError(f"coords hold batch indices beyond the batch size {batch.batch_size}")
+    offsets = torch.zeros(batch.batch_size + 1, dtype=torch.int64, device=cells_M4.device)
+    torch.cumsum(counts_B, 0, out=offsets[1:])
+
+    feats_MC = batch.feats
+    coarse_feats = feats_MC.new_zeros(num_coarse * slots, feats_MC.shape[1]).index_put((flat_slot_M,), feats_MC)
+    coarse = SparseBatch(coarse_coords.to(batch.coords.dtype), coarse_feats.reshape(num_coarse, -1), offsets)
+    return coarse, PatchIndex(coarse_row, child_slot, factor, num_coarse)
+
+
+def unpatchify(coarse_feats: torch.Tensor, index: PatchIndex) -> torch.Tensor:
+    """(Mc, f^3 * C') coarse features -> (M, C') per fine voxel, in the fine batch's original row order.
+
+    Slots of inactive children are dropped; with C' = C this inverts `patchify` exactly.
+    """
+    slots = index.factor**3
+    if coarse_feats.ndim != 2 or coarse_feats.shape[0] != index.num_coarse or coarse_feats.shape[1] % slots:
+        raise ValueError(f"coarse feats must be ({index.num_coarse}, {slots} * C), got {tuple(coarse_feats.shape)}")
+    return coarse_feats.reshape(index.num_coarse * slots, -1)[index.coarse_row * slots + index.child_slot]
