@@ -137,6 +137,7 @@ def finish(shards: ShardSet, cfg: Config, version: str, failed: int) -> dict[str
         "bytes": sum(r["bytes"] for r in rows),
         "bytes_per_asset": {k: v / max(len(rows), 1) for k, v in sorted(sums.field_bytes.items())},
         "shard_config": section_params(cfg.shard), "encoder": cfg.encode.encoder,
+        "voxel_resolution": cfg.voxelize.resolution,
     }
     shards.storage.write_bytes(f"{shards.rel}/stats.json", json.dumps(stats, indent=2, sort_keys=True).encode())
     return stats

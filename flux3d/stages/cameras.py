@@ -115,3 +115,17 @@ def project(points: np.ndarray, K: np.ndarray, w2c: np.ndarray) -> tuple[np.ndar
     cam = pts @ np.asarray(w2c)[:3, :3].T + np.asarray(w2c)[:3, 3]
     uvw = cam @ np.asarray(K).T
     return uvw[:, :2] / uvw[:, 2:3], cam[:, 2]
+
+
+def orbit_cameras(num_views: int, radius: float, fov_deg: float, resolution: int,
+                  elevation_deg: float = 20.0) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV (K (V, 3, 3), w2c (V, 4, 4)) of `num_views` cameras evenly spaced over the full azimuth at one
+    elevation, looking at the origin: turntables, and the paper's 24-view multi-view consistency protocol."""
+    pitch = math.radians(elevation_deg)
+    K = intrinsics(math.radians(fov_deg), resolution, resolution)
+    w2c = []
+    for i in range(num_views):
+        yaw = 2 * math.pi * i / num_views
+        pos = radius * np.array([math.cos(yaw) * math.cos(pitch), math.sin(yaw) * math.cos(pitch), math.sin(pitch)])
+        w2c.append(w2c_opencv(look_at_c2w(pos)))
+    return np.repeat(K[None], num_views, axis=0), np.stack(w2c)

@@ -19,7 +19,7 @@ softmax attention within each sequence only, through one of five interchangeable
 
 "auto" picks: CUDA with fp16/bf16 -> flash if the package imports, else varlen if torch has it, else nested;
 CUDA fp32 -> nested (the flash kernels need half precision; SDPA's memory-efficient kernel takes fp32); CPU ->
-bucketed, for the speed above (DESIGN.md sec. 6 names nested SDPA for the CPU; the measurement overrode it). "padded" is
+bucketed, for the speed above (DESIGN.md sec. 6 names nested SDPA for the CPU; measurement overrode it). "padded" is
 never chosen automatically: with voxel counts this skewed most of its work is padding.
 
 `window_partition` groups the voxel tokens of each asset into cubic windows (TRELLIS's "swin" attention: the

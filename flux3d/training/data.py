@@ -107,9 +107,9 @@ class Batch:
 class _EpochStage(wds.PipelineStage):
     """A stage that counts its runs: a pipeline copy runs each stage once per epoch."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, start_epoch: int = 0) -> None:
         self.seed = seed
-        self.epoch = -1
+        self.epoch = start_epoch - 1
 
     def run(self, *src: Iterable[Any]) -> Iterator[Any]:
         self.epoch += 1
@@ -123,8 +123,8 @@ class _ShardOrder(_EpochStage):
     """All shards in a per-epoch order that every node and worker agree on, so the node and worker splits that
     follow partition it (each shard read exactly once per epoch)."""
 
-    def __init__(self, urls: list[str], seed: int) -> None:
-        super().__init__(seed)
+    def __init__(self, urls: list[str], seed: int, start_epoch: int) -> None:
+        super().__init__(seed, start_epoch)
         self.urls = urls
 
     def stage(self) -> Iterator[Sample]:
@@ -158,9 +158,9 @@ def _rgb(rgba: np.ndarray, background: float) -> torch.Tensor:
 class _PickViews(_EpochStage):
     """decode_sample, validate, and choose this epoch's views, background and conditioning view."""
 
-    def __init__(self, seed: int, views_per_sample: int, background: Background, cond: bool,
+    def __init__(self, seed: int, start_epoch: int, views_per_sample: int, background: Background, cond: bool,
                  handler: Callable[[Exception], bool]) -> None:
-        super().__init__(seed)
+        super().__init__(seed, start_epoch)
         self.views_per_sample, self.background, self.cond, self.handler = views_per_sample, background, cond, handler
 
     def stage(self, src: Iterable[Sample]) -> Iterator[Sample]:
@@ -206,8 +206,8 @@ class _PickViews(_EpochStage):
 class _Shuffle(_EpochStage):
     """A sample shuffle buffer seeded per (seed, epoch, node, worker)."""
 
-    def __init__(self, seed: int, bufsize: int) -> None:
-        super().__init__(seed)
+    def __init__(self, seed: int, start_epoch: int, bufsize: int) -> None:
+        super().__init__(seed, start_epoch)
         self.bufsize = bufsize
 
     def stage(self, src: Iterable[Sample]) -> Iterator[Sample]:
@@ -262,7 +262,7 @@ def collate(samples: list[Sample]) -> Batch:
 
 def make_dataset(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: int = 256, resampled: bool = False,
                  seed: int = 0, background: Background = "random", cond: bool = True, views_per_sample: int = 1,
-                 epoch_samples: int | None = None,
+                 epoch_samples: int | None = None, start_epoch: int = 0,
                  handler: Callable[[Exception], bool] = skip_bad_sample) -> wds.DataPipeline:
     """An iterable of `Batch`es over the shards at `urls` (local paths or fsspec URLs; see `shard_urls`).
 
@@ -273,6 +273,8 @@ def make_dataset(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: 
     epoch_samples: samples per epoch of this process's loader, across all its workers (per rank); the last
     batch of a worker may be partial. shuffle_buffer: samples per worker (about one asset's arrays each); <= 1
     turns shuffling off. background: "random" = black or white per sample, as TRELLIS trains its decoder.
+    start_epoch: the first epoch this pipeline yields (every epoch's stream is a function of the seed and its
+    number), so a resumed training run continues the stream it stopped in instead of replaying epoch 0.
     Bad samples and shards are passed to `handler` (default: log and skip).
     """
     url_list = [urls] if isinstance(urls, str) else list(urls)
@@ -283,16 +285,18 @@ def make_dataset(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: 
     if batch_size < 1 or views_per_sample < 1:
         raise ValueError(f"batch_size ({batch_size}) and views_per_sample ({views_per_sample}) must be >= 1")
     if resampled:
-        shards: list[Any] = [wds.ResampledShards(url_list, seed=seed, deterministic=True)]
+        resampler = wds.ResampledShards(url_list, seed=seed, deterministic=True)
+        resampler.epoch = start_epoch - 1  # it counts its own epochs the same way (+1 per iteration)
+        shards: list[Any] = [resampler]
     else:
-        shards = [_ShardOrder(url_list, seed), wds.split_by_node, wds.split_by_worker]
+        shards = [_ShardOrder(url_list, seed, start_epoch), wds.split_by_node, wds.split_by_worker]
     return wds.DataPipeline(
         *shards,
         partial(_open_shards, handler=handler),
         partial(tar_file_expander, handler=handler),
         partial(group_by_keys, handler=handler),
-        _PickViews(seed, views_per_sample, background, cond, handler),
-        _Shuffle(seed, shuffle_buffer),
+        _PickViews(seed, start_epoch, views_per_sample, background, cond, handler),
+        _Shuffle(seed, start_epoch, shuffle_buffer),
         wds.map(_decode_images, handler=handler),
         None if epoch_samples is None else partial(_worker_share, total=epoch_samples),
         wds.batched(batch_size, collation_fn=collate, partial=True),

@@ -1,0 +1,248 @@
+"""The training loop, shared by the decoder and the SMDiT, run by Ray Train on any number of workers.
+
+    fit(cfg)  ->  Ray Train TorchTrainer(train_loop, num_workers, GPUs or CPUs)  ->  train_loop on every worker
+    fit(cfg, local=True)  ->  train_loop in this process (one worker, no Ray: benchmarks, notebooks)
+
+What differs between the two models is a `Task` (tasks.py): how to build the model and what one step's loss is;
+everything else lives here once: DDP or FSDP2, AdamW with warm-up, bf16 autocast on CUDA, gradient clipping, EMA,
+checkpoints with exact resume, metrics (metrics.jsonl + TensorBoard scalars and image grids), throughput and MFU.
+
+Per-step randomness comes from a generator seeded by (seed, rank, step), so a run resumed from step N draws the
+same noise as the uninterrupted run did (see checkpoint.py). The data stream is positioned by (epoch, batches).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from flux3d.storage import Storage
+from flux3d.training import checkpoint as ckpt_io
+from flux3d.training.config import TrainConfig, from_dict
+from flux3d.training.tasks import Task, make_task
+from flux3d.training.telemetry import Telemetry, peak_flops
+
+log = logging.getLogger(__name__)
+
+
+def _dist_info() -> tuple[int, int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    return 0, 1, 0
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1)
+
+
+def _wrap(model: nn.Module, cfg: TrainConfig, device: torch.device, world: int) -> nn.Module:
+    if world == 1:
+        return model
+    if cfg.scale.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        # Each transformer block its own FSDP unit (its parameters gathered just before use), then the root.
+        for block in getattr(model, "blocks", []):
+            fully_shard(block)
+        return fully_shard(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class EMA:
+    """Exponential moving average of the trainable weights, updated in place with one fused foreach op.
+    (torch.optim.swa_utils.AveragedModel deep-copies the module, which does not suit FSDP-sharded parameters;
+    a list of tensors shaped like the parameters, sharded or not, does.)"""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in model.named_parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone().float() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: _full(t) for n, t in zip(self.names, self.shadow)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, t in zip(self.names, self.shadow):
+            _load_into(t, state[name])
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # DTensor (FSDP2) -> gathered tensor
+
+
+def _load_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if hasattr(dst, "device_mesh"):  # a DTensor shard: take this rank's part of the full tensor
+        from torch.distributed.tensor import distribute_tensor
+
+        src = distribute_tensor(src.to(dst.device), dst.device_mesh, dst.placements)
+    dst.copy_(src)
+
+
+def _state_io():  # noqa: ANN202 - the torch.distributed.checkpoint helpers, imported once
+    from torch.distributed.checkpoint import state_dict as sd
+
+    return sd, sd.StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _lr_lambda(warmup: int):  # noqa: ANN202
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+def train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """One worker's training (Ray Train calls it on every worker with the same `config`, a TrainConfig dict)."""
+    cfg: TrainConfig = from_dict(TrainConfig, config)
+    rank, world, local_rank = _dist_info()
+    use_cuda = torch.cuda.is_available() and cfg.scale.use_gpu is not False
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    bf16 = cfg.scale.precision == "bf16" or (cfg.scale.precision == "auto" and device.type == "cuda")
+    run = Storage(cfg.run.out)
+    task: Task = make_task(cfg, device)
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+    with device:  # initialise on the training device: 820 M parameters take seconds to initialise on a CPU
+        model = task.build_model()
+    model = _wrap(model, cfg, device, world)
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                              betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+                              fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(cfg.optim.warmup_steps))
+    ema = EMA(_unwrap(model), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+
+    step, epoch, skip = 0, 0, 0
+    sd, opts = _state_io()
+    found = ckpt_io.latest(run)
+    if found is not None:
+        state = ckpt_io.load_state(run, found)
+        sd.set_model_state_dict(model, ckpt_io.load_weights(run, found), options=opts)
+        sd.set_optimizer_state_dict(model, optim, state["optim"], options=opts)
+        sched.load_state_dict(state["sched"])
+        if ema is not None:
+            ema.load_state_dict(ckpt_io.load_weights(run, found, "ema"))
+        step, epoch, skip = found.step, state["epoch"], state["batches"]
+        log.info("rank %d: resumed %s at step %d (epoch %d, batch %d)", rank, run.path(found.rel), step, epoch, skip)
+    elif rank == 0:
+        run.write_bytes("config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True).encode())
+
+    telemetry = Telemetry(run, cfg, rank, resume_step=step, peak=peak_flops(device) if bf16 else None)
+    loader = task.loader(rank, world, start_epoch=epoch)
+    params = sum(p.numel() for p in _unwrap(model).parameters())
+    if rank == 0:
+        log.info("%s: %.2f M parameters, %d worker(s), %s%s", cfg.kind, params / 1e6, world, device,
+                 " bf16" if bf16 else "")
+    last: dict[str, float] = {}
+    model.train()
+    while step < cfg.run.steps:
+        batches = 0
+        for batch in loader:
+            batches += 1
+            if batches <= skip:
+                continue  # fast-forward to where the checkpoint stopped in this epoch
+            batch = batch.to(device, non_blocking=True)
+            gen = torch.Generator(device).manual_seed(_step_seed(cfg.run.seed, rank, step))
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+            with autocast:
+                loss, parts = task.step(model, batch, gen)
+            loss.backward()
+            grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                         if cfg.optim.grad_clip > 0 else torch.tensor(0.0))
+            optim.step()
+            sched.step()
+            optim.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
+            step += 1
+            values = {"loss": loss.detach(), **parts, "grad_norm": grad_norm.detach(), "lr": sched.get_last_lr()[0]}
+            logged = telemetry.step(step, values, task.work(model, batch))
+            if logged:  # checked at log steps only: a per-step .item() would stall the GPU queue every step
+                last = logged
+                if not math.isfinite(last["loss"]):
+                    raise FloatingPointError(f"loss {last['loss']} by step {step}: lower optim.lr or check the data")
+            if rank == 0 and cfg.run.image_every and step % cfg.run.image_every == 0:
+                with torch.no_grad():
+                    telemetry.images(step, task.images(_unwrap(model), batch))
+            if step % cfg.run.ckpt_every == 0 or step == cfg.run.steps:
+                _save(run, cfg, model, optim, sched, ema, step, epoch, batches, last, telemetry, rank)
+            if step >= cfg.run.steps:
+                break
+        else:
+            epoch, skip = epoch + 1, 0
+            if batches == 0:
+                raise ValueError(f"the loader yielded no batch in epoch {epoch - 1}: is {cfg.data.shards} empty?")
+            continue
+        break
+    telemetry.close()
+    return {"step": step, "metrics": last, "run": run.url}
+
+
+def _save(run: Storage, cfg: TrainConfig, model: nn.Module, optim: torch.optim.Optimizer, sched: Any,
+          ema: EMA | None, step: int, epoch: int, batches: int, metrics: dict[str, float], telemetry: Telemetry,
+          rank: int) -> None:
+    sd, opts = _state_io()
+    weights = sd.get_model_state_dict(model, options=opts)  # a collective under FSDP: every rank calls it
+    optim_state = sd.get_optimizer_state_dict(model, optim, options=opts)
+    ema_state = ema.state_dict() if ema is not None else None
+    if rank == 0:
+        telemetry.flush(step)
+        ckpt_io.save(run, step, model=weights, ema=ema_state,
+                     state={"optim": optim_state, "sched": sched.state_dict(), "epoch": epoch, "batches": batches},
+                     meta={"config": cfg.to_dict(), "metrics": metrics, "kind": cfg.kind},
+                     keep=cfg.run.keep_checkpoints)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def fit(cfg: TrainConfig, *, local: bool = False, ray_address: str | None = None,
+        max_failures: int = 0) -> dict[str, Any]:
+    """Train `cfg` to `cfg.run.steps`, resuming from the run directory's newest checkpoint if there is one.
+
+    local=True runs one worker in this process. Otherwise Ray Train runs `cfg.scale.num_workers` workers on the
+    Ray cluster at `ray_address` (None: the one this process is connected to, or a new local one);
+    `max_failures` lets Ray restart a failed worker group, which then resumes from the newest checkpoint.
+    """
+    if not cfg.data.shards:
+        raise ValueError("data.shards is empty: pass a dataset version folder (shards/<version>)")
+    if local:
+        if cfg.scale.num_workers != 1:
+            raise ValueError("local=True runs one worker; use Ray for scale.num_workers > 1")
+        return train_loop(cfg.to_dict())
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address, include_dashboard=False) if ray_address else ray.init(include_dashboard=False)
+    use_gpu = cfg.scale.use_gpu if cfg.scale.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    run = Storage(cfg.run.out)
+    storage_path = run.path("ray") if run.local else None  # Ray's own run state; None = ~/ray_results
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=cfg.to_dict(),
+        scaling_config=ScalingConfig(num_workers=cfg.scale.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
+        run_config=RunConfig(name=f"{cfg.kind}-{os.path.basename(cfg.run.out.rstrip('/'))}",
+                             storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures)))
+    trainer.fit()
+    done = ckpt_io.latest(run)
+    if done is None or done.step < cfg.run.steps:
+        raise RuntimeError(f"training stopped before step {cfg.run.steps}: newest checkpoint "
+                           f"{done.step if done else None} in {cfg.run.out}")
+    return {"step": done.step, "metrics": done.meta.get("metrics", {}), "run": run.url,
+            "checkpoint": run.path(done.rel)}

@@ -1,0 +1,152 @@
+"""SMDiT + flow matching: the model and its ablations at tiny sizes, the paper sizes by parameter count, and the debug
+recipe overfitting a handful of real assets the pipeline made, sampled back through the Euler/CFG sampler and
+rendered through the debug decoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flux3d.training.config import apply_overrides
+from flux3d.training.decoder import DecoderConfig, GaussianDecoder
+from flux3d.training.flow_matching import SamplerConfig, normalize, sample
+from flux3d.training.inference import load_model
+from flux3d.training.rasterizer import rasterize
+from flux3d.training.recipes import recipe
+from flux3d.training.smdit import SMDiT, SMDiTConfig
+from flux3d.training.sparse import SparseBatch
+from flux3d.training.telemetry import read_metrics
+from flux3d.training.trainer import fit
+from tests.datasets import SHARED, TAEF1, build_dataset
+
+GOOD = SHARED / "assets" / "good"
+
+
+def _random_batch(sizes=(37, 5), channels=16, grid=16, seed=0) -> SparseBatch:
+    g = torch.Generator().manual_seed(seed)
+    coords = [torch.randperm(grid ** 3, generator=g)[:n] for n in sizes]
+    xyz = [torch.stack([c // grid ** 2, (c // grid) % grid, c % grid], 1) for c in coords]
+    return SparseBatch.from_list(xyz, [torch.randn(n, channels, generator=g) for n in sizes])
+
+
+@pytest.mark.parametrize("arch,position", [("smdit", "marope"), ("smdit", "ape"), ("dit", "marope"), ("dit", "ape")])
+def test_output_lies_on_the_input_layout_and_assets_do_not_mix(arch, position):
+    cfg = SMDiTConfig(width=32, heads=2, double_blocks=2 if arch == "dit" else 1,
+                      single_blocks=0 if arch == "dit" else 1, grid=16, arch=arch, position=position)
+    torch.manual_seed(0)
+    model = SMDiT(cfg)
+    for p in model.parameters():  # adaLN-Zero starts as identity: perturb so every path carries signal
+        p.data.add_(0.05 * torch.randn_like(p))
+    b = _random_batch()
+    cond = torch.randn(2, 16, 4, 4)
+    t = torch.tensor([0.3, 0.7])
+    v = model(b.feats, b.coords, b.offsets, t, cond)
+    assert v.shape == b.feats.shape
+    # Changing asset 1's voxels, image or time leaves asset 0's velocity unchanged.
+    feats2 = b.feats.clone()
+    feats2[b.offsets[1]:] += 1
+    cond2 = cond.clone()
+    cond2[1] += 1
+    v2 = model(feats2, b.coords, b.offsets, torch.tensor([0.3, 0.1]), cond2)
+    n0 = int(b.offsets[1])
+    torch.testing.assert_close(v[:n0], v2[:n0])
+    assert not torch.allclose(v[n0:], v2[n0:])
+    # ... and asset 0's own image does change it (the conditioning is used).
+    cond3 = cond.clone()
+    cond3[0] += 1
+    assert not torch.allclose(model(b.feats, b.coords, b.offsets, t, cond3)[:n0], v[:n0])
+
+
+def test_null_condition_replaces_the_image():
+    torch.manual_seed(0)
+    model = SMDiT(SMDiTConfig(width=32, heads=2, double_blocks=1, single_blocks=1, grid=16))
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    b = _random_batch()
+    t = torch.tensor([0.5, 0.5])
+    drop = torch.tensor([True, True])
+    a = model(b.feats, b.coords, b.offsets, t, torch.randn(2, 16, 4, 4), drop)
+    c = model(b.feats, b.coords, b.offsets, t, torch.randn(2, 16, 4, 4), drop)
+    torch.testing.assert_close(a, c)  # a dropped condition is the learned null, whatever image was given
+
+
+def test_paper_parameter_counts_match_the_paper():
+    with torch.device("meta"):
+        smdit = SMDiT(SMDiTConfig())
+        decoder = GaussianDecoder(DecoderConfig())
+    n_smdit = sum(p.numel() for p in smdit.parameters())
+    n_decoder = sum(p.numel() for p in decoder.parameters())
+    print(f"paper SMDiT {n_smdit / 1e6:.1f} M parameters (paper: 820 M); decoder {n_decoder / 1e6:.1f} M (85 M)")
+    assert abs(n_smdit / 820e6 - 1) < 0.05 and abs(n_decoder / 85e6 - 1) < 0.05
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    names = ["Avocado.glb", "BoxTextured.glb", "Suzanne.glb"]
+    if not all((GOOD / n).is_file() for n in names) or not TAEF1.is_file():
+        pytest.skip("needs ../shared/assets and the TAEF1 weights")
+    return build_dataset(tmp_path_factory.mktemp("three"), [GOOD / n for n in names], views=16, resolution=64,
+                         voxels=32, supervision_views=16, cond_views=1, cond_resolution=64)
+
+
+def test_debug_smdit_overfits_a_handful_of_real_assets(assets, tmp_path):
+    """Train the debug decoder and the debug SMDiT on three real assets; then, from each asset's conditioning image,
+    the sampler must reproduce that asset's latents, and the decoder must render them close to the ground truth.
+
+    Measured (2 cores, 3 assets at 32^3, 64 px, ~3.5 minutes): loss 1.45 -> 0.32; sampled vs true latents cosine
+    0.94; renders of the sampled latents are 23-34 dB from the decoder's renders of the true latents, and against the
+    ground-truth view within 1.2 dB of what the true latents give (the debug decoder itself is the limit there:
+    17-30 dB on these assets).
+    """
+    from flux3d.training.data import make_dataset, shard_urls
+    from flux3d.training.smdit_task import ConditionEncoder
+
+    base = {"data.shards": assets.version_dir, "run.image_every": 0}
+    decoder_cfg = apply_overrides(recipe("decoder", "debug"), {**base, "run.out": str(tmp_path / "decoder"),
+                                                               "decoder.gaussians.resolution": 32})
+    fit(decoder_cfg, local=True)
+    smdit_cfg = apply_overrides(recipe("smdit", "debug"), {
+        **base, "run.out": str(tmp_path / "smdit"), "smdit.grid": 32, "data.batch_size": 3,
+        "flow.encoder": assets.encoder, "flow.encoder_location": assets.encoder_location})
+    fit(smdit_cfg, local=True)
+    losses = [m["loss"] for m in read_metrics(str(tmp_path / "smdit"))]
+    print(f"SMDiT loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert np.mean(losses[-3:]) < 0.45 < losses[0]
+
+    smdit, cfg = load_model(str(tmp_path / "smdit"))
+    decoder, _ = load_model(str(tmp_path / "decoder"))
+    batch = next(iter(make_dataset(shard_urls(assets.version_dir, "train"), batch_size=3, shuffle_buffer=1,
+                                   background="black", seed=3)))
+    v = batch.voxels
+    cond = ConditionEncoder(cfg.flow.encoder, cfg.flow.encoder_location, cfg.flow.cond_resolution,
+                            torch.device("cpu"))(batch.cond)
+    z = sample(smdit, v.coords, v.offsets, cond, SamplerConfig(steps=25, guidance=3.0),
+               torch.Generator().manual_seed(0))
+    zn, truth = normalize(smdit, z), normalize(smdit, v.feats)
+    bounds = v.offsets.tolist()
+    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        cos = torch.nn.functional.cosine_similarity(zn[s:e].flatten(), truth[s:e].flatten(), dim=0)
+        # Conditioning picks the asset: a sample is nearer its own latents than any other asset's (same layout
+        # only for itself, so compare per-channel means, which differ between assets).
+        own = (zn[s:e].mean(0) - truth[s:e].mean(0)).norm()
+        others = [(zn[s:e].mean(0) - truth[a:b].mean(0)).norm()
+                  for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if j != i]
+        with torch.no_grad():
+            out_s = decoder(z[s:e], v.coords[s:e], torch.tensor([0, e - s]))
+            out_t = decoder(v.feats[s:e], v.coords[s:e], torch.tensor([0, e - s]))
+            (g_s,), (g_t,) = (decoder.to_gaussians(o.raw, v.coords[s:e], torch.tensor([0, e - s]))
+                              for o in (out_s, out_t))
+            K, w2c = batch.K[i], batch.w2c[i]
+            sampled = rasterize(g_s, w2c, K, 64, 64, background=torch.zeros(3)).rgb.clamp(0, 1)
+            decoded = rasterize(g_t, w2c, K, 64, 64, background=torch.zeros(3)).rgb.clamp(0, 1)
+        target = batch.images[i].permute(0, 2, 3, 1)
+
+        def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+            return float(-10 * torch.log10(((a - b) ** 2).mean()))
+
+        print(f"asset {batch.keys[i][:8]}: cosine {cos:.3f}, own {own:.3f} vs others {min(others):.3f}; render "
+              f"{psnr(sampled, target):.1f} dB vs ground truth ({psnr(decoded, target):.1f} dB from true latents), "
+              f"{psnr(sampled, decoded):.1f} dB vs the true latents' render")
+        assert cos > 0.8 and own < min(others)
+        assert psnr(sampled, decoded) > 21.0 and psnr(sampled, target) > psnr(decoded, target) - 2.5
