@@ -255,6 +255,14 @@ def _run_flow(which: str, root: str | None, source: list[str] | None, config: Pa
         s = shards["stats"]
         typer.echo(f"dataset version {shards['version']}: {s['assets']['train']} train / {s['assets']['val']} val "
                    f"assets in {s['shards']['train'] + s['shards']['val']} shards at {shards['path']}")
+    if which == "pipeline" and "train" in out:
+        for kind, r in out["train"].items():
+            typer.echo(f"{kind}: step {r['step']}, loss {r['metrics'].get('loss', float('nan')):.4f}, {r['run']}")
+        ev = out["evaluate"]
+        m = ev["metrics"]
+        typer.echo("evaluation: " + ", ".join(f"{k} {m[k]:.3f}" for k in ("recon_psnr", "gen_psnr", "gen_clip",
+                                                                         "mv_psnr_mean") if k in m)
+                   + f"; report {ev['report']}/report.md")
     typer.echo(f"prefect flow run {state.state_details.flow_run_id}: `flux3d dashboard` shows it with its artifacts")
     return out
 
@@ -289,7 +297,8 @@ def dashboard(host: str = "127.0.0.1", port: int = 4200) -> None:
 
 @app.command()
 def deploy(source: SourceOpt = None, root: RootOpt = None, config: ConfigOpt = None, recipe: RecipeOpt = None,
-           ray_address: RayOpt = None, cron: Annotated[Optional[str], typer.Option(help="Retraining schedule (default: flow.retrain_cron).")]
+           ray_address: RayOpt = None,
+           cron: Annotated[Optional[str], typer.Option(help="Retraining schedule (default: flow.retrain_cron).")]
            = None) -> None:
     """Register the data, pipeline and retrain (cron) deployments with the Prefect server in PREFECT_API_URL and
     serve them from this process until Ctrl-C."""
@@ -316,8 +325,17 @@ def demo(root: RootOpt = None) -> None:
     out = _run_flow("pipeline", root, [f"local:{assets}"], config, None, None)
     version = out["dataset_version"]
     typer.echo(f"where to look: {root}/catalog (flux3d status --root {root}), {root}/renders/*/contact.png, "
-               f"{root}/reports/curation/report.md" + (f", {root}/shards/{version}/" if version else ""))
+               f"{root}/reports/curation/report.md" + (f", {root}/shards/{version}/, {root}/models/{version}/ "
+                                                        "(checkpoints, TensorBoard, eval/report.md)" if version
+                                                        else ""))
 
+
+# The model commands live in their own module (training, generation, evaluation); registered here.
+from flux3d.cli_models import evaluate, generate, train_app  # noqa: E402 - after `app` exists
+
+app.add_typer(train_app, name="train")
+app.command()(generate)
+app.command()(evaluate)
 
 if __name__ == "__main__":
     app()

@@ -25,6 +25,7 @@ from typing import Any
 
 from flux3d.config_features import BACKGROUNDS, EncodeConfig, ShardConfig, VoxelizeConfig
 from flux3d.config_flow import FlowConfig
+from flux3d.config_train import EvaluateSection, TrainSection
 
 
 @dataclass(kw_only=True, slots=True)
@@ -289,6 +290,8 @@ class Config:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
 
     def __post_init__(self) -> None:
         if not self.vlm.endpoint and self.curate.texture_rule not in ("auto", "heuristic"):

@@ -122,6 +122,9 @@ def make_demo_models(folder: str) -> dict[str, dict[str, object]]:
         "curate": {"clip_model": "demo_clip", "clip_pretrained": clip_ckpt, "clip_model_config": clip_cfg,
                    "aesthetic_head": head, "aesthetic_threshold": -1e9, "aesthetic_thresholds": {}, "batch_size": 8},
         "encode": {"encoder": "flux_vae", "location": vae},
+        # The evaluation's CLIP score uses the same tiny CLIP; its other networks are random (debug recipe).
+        "evaluate": {"recipe": "debug", "set": ["clip_model=demo_clip", f"clip_weights={clip_ckpt}",
+                                                f"clip_model_config={clip_cfg}"]},
     }
 
 
@@ -144,6 +147,8 @@ def write_demo_config(path: str, models: str, overrides: dict[str, dict[str, obj
                 value = json.dumps(value)
             lines.append(f"{key} = {value}")
         lines.append("")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    text = "\n".join(lines)
+    if not os.path.exists(path) or open(path).read() != text:  # a re-run leaves an unchanged file untouched
+        with open(path, "w") as f:
+            f.write(text)
     return path

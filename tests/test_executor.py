@@ -163,7 +163,7 @@ def test_journal_replays_a_killed_writers_results_exactly_once(tmp_path):
 
 def test_promotion_gate():
     directions = {"psnr": "max", "lpips": "min"}
-    assert gate(None, None, directions, 0.0) == (False, "no candidate: this pipeline has no evaluation step yet")
+    assert gate(None, None, directions, 0.0) == (False, "no candidate: no evaluation ran (no dataset version)")
     assert gate({"psnr": 30.0, "lpips": 0.1}, None, directions, 0.0)[0]
     assert gate({"psnr": 30.0, "lpips": 0.1}, {"psnr": 29.0, "lpips": 0.1}, directions, 0.0)[0]
     ok, why = gate({"psnr": 28.9, "lpips": 0.1}, {"psnr": 29.0, "lpips": 0.1}, directions, 0.0)

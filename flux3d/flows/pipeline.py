@@ -1,14 +1,13 @@
 """The whole chain: data -> train decoder -> train SMDiT -> evaluate, and scheduled retraining behind a gate.
 
-Model nodes join `MODEL_STEPS` when their modules exist; until then the pipeline is the data flow plus the gate,
-which records that there was no candidate to promote. Nothing here stands in for a step that does not exist.
+Each node is a sub-flow that also runs alone (`flux3d data`, `flux3d train`, `flux3d evaluate`), handed the
+dataset version the data flow built; every node resumes or skips what a previous run finished.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -19,9 +18,6 @@ from flux3d.config import Config
 from flux3d.flows.data import data_flow, flow_config
 from flux3d.storage import Storage
 
-MODEL_STEPS: dict[str, Callable[[Config, str, dict[str, Any]], dict[str, Any]]] = {}
-"""name -> step(cfg, dataset_version, results so far) -> its result, in pipeline order (train decoder, train SMDiT,
-evaluate). The evaluate step's result carries `metrics` (a flat dict of floats) and `model` (where it lives)."""
 PROMOTED = "models/promoted.json"
 PROMOTIONS = "models/promotions.jsonl"
 
@@ -30,7 +26,7 @@ def gate(candidate: dict[str, float] | None, current: dict[str, float] | None, d
          tolerance: float) -> tuple[bool, str]:
     """Promote `candidate` unless a gated metric is worse than the promoted model's by more than `tolerance`."""
     if candidate is None:
-        return False, "no candidate: this pipeline has no evaluation step yet"
+        return False, "no candidate: no evaluation ran (no dataset version)"
     missing = sorted(set(directions) - set(candidate))
     if missing:
         return False, f"candidate lacks gated metrics {missing}"
@@ -61,6 +57,7 @@ def promote_task(cfg: Config, version: str | None, evaluation: dict[str, Any] | 
     storage.write_bytes(PROMOTIONS, log + json.dumps(record).encode() + b"\n")
     if ok:
         storage.write_bytes(PROMOTED, json.dumps({"metrics": candidate, "model": record["model"],
+                                                   "report": (evaluation or {}).get("report"),
                                                    "dataset_version": version, "time": record["time"]}).encode())
     create_markdown_artifact(f"### Promotion: {'promoted' if ok else 'not promoted'}\n\n{why}\n\n"
                              f"dataset version `{version}`", key="promotion", description="promotion gate")
@@ -71,13 +68,16 @@ def promote_task(cfg: Config, version: str | None, evaluation: dict[str, Any] | 
 @flow(name="flux3d-pipeline", log_prints=True)
 def pipeline_flow(root: str, sources: list[str] | None = None, config: str | None = None, recipe: str | None = None,
                   ray_address: str | None = None) -> dict[str, Any]:
-    """The data flow, then every model step there is, handing the dataset version along."""
+    """The data flow, then training and evaluation on the dataset version it built."""
+    from flux3d.flows.evaluate import evaluate_flow
+    from flux3d.flows.train import train_flow
+
     data = data_flow(root, sources, config, recipe, ray_address)
-    cfg = flow_config(root, config, recipe, ray_address)
-    results: dict[str, Any] = {"data": data, "dataset_version": data["dataset_version"]}
-    if data["dataset_version"] is not None:
-        for name, step in MODEL_STEPS.items():
-            results[name] = step(cfg, data["dataset_version"], results)
+    version = data["dataset_version"]
+    results: dict[str, Any] = {"data": data, "dataset_version": version}
+    if version is not None:
+        results["train"] = train_flow(root, version, config, recipe, ray_address)
+        results["evaluate"] = evaluate_flow(root, version, config, recipe, ray_address)
     return results
 
 

@@ -1,0 +1,186 @@
+"""Run the protocols (protocols.py) over the evaluation assets and summarise: `flux3d evaluate` and the pipeline's
+evaluate node. Feature networks are loaded once; assets are processed one at a time (a render of 32 Gaussians
+per voxel at 512 px is the memory peak, not the batch)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from flux3d.evaluation.config import EvalConfig
+from flux3d.evaluation.protocols import (
+    AssetResult,
+    EvalAsset,
+    azimuth_views,
+    decode_gaussians,
+    eval_assets,
+    image,
+    render,
+    rng_for,
+    sample_keys,
+    scaled,
+    view_metrics,
+)
+from flux3d.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Models:
+    decoder: torch.nn.Module
+    decoder_cfg: TrainConfig
+    decoder_run: str
+    smdit: torch.nn.Module | None = None
+    smdit_cfg: TrainConfig | None = None
+    smdit_run: str = ""
+
+
+class Evaluator:
+    def __init__(self, cfg: EvalConfig, models: Models, device: torch.device) -> None:
+        from flux3d.training.perceptual import load_lpips_vgg
+
+        self.cfg, self.m, self.device = cfg, models, device
+        self.bg = 0.0 if cfg.background == "black" else 1.0
+        random_ok = cfg.allow_random_extractors
+        # Networks allowed to be random (debug, demo) get the same random weights every run, so two evaluations of
+        # the same models still agree and the comparison against a previous report means something.
+        torch.manual_seed(cfg.seed)
+        self.lpips = load_lpips_vgg(cfg.lpips_backbone or None, allow_random=random_ok, device=device)
+        self.generate = "generation" in cfg.protocols and models.smdit is not None
+        if "generation" in cfg.protocols and models.smdit is None:
+            log.warning("no SMDiT given: the generation protocol is skipped")
+        if self.generate:
+            from flux3d.evaluation.extractors import clip_image_encoder, dinov2, inception_v3
+            from flux3d.evaluation.metrics import FeatureStats
+            from flux3d.training.smdit_task import ConditionEncoder
+
+            self.clip = clip_image_encoder(cfg.clip_model, cfg.clip_weights or None,
+                                           model_config=cfg.clip_model_config or None, allow_random=random_ok)
+            self.clip.to(device)
+            nets = {"inception": inception_v3(cfg.inception_weights or None, allow_random=random_ok),
+                    "dinov2": dinov2(cfg.dinov2_weights or None, cfg.dinov2_variant, allow_random=random_ok)}
+            self.stats = {(name, side): FeatureStats(net.to(device)) for name, net in nets.items()
+                          for side in ("gen", "gt")}
+            f = models.smdit_cfg.flow
+            self.cond_encoder = ConditionEncoder(f.encoder, f.encoder_location, f.cond_resolution, device)
+
+    def asset(self, a: EvalAsset) -> AssetResult:
+        from flux3d.stages.render import spread
+
+        cfg, R, bg = self.cfg, self.cfg.resolution, self.bg
+        res, rng = AssetResult(a.key), rng_for(cfg, a.key)
+        cams, stored = a.cameras["views"], a.cameras["resolution"]
+        final = None
+        if "reconstruction" in cfg.protocols:
+            g = decode_gaussians(self.m.decoder, a.coords, a.mu)
+            i = rng.randrange(len(cams))
+            pred = render(g, scaled(cams[i]["K"], stored, R)[None], torch.tensor(cams[i]["w2c"])[None], R, bg)
+            gt = image(a.views[i], bg, R)[None]
+            res.rows |= view_metrics("recon", pred, gt.clamp(0, 1), self.lpips)
+            res.grid += [gt[0], pred[0]]
+            final = g
+        if self.generate and a.cond_images:
+            from flux3d.evaluation.metrics import clip_score
+            from flux3d.training.flow_matching import SamplerConfig, sample
+            from flux3d.training.sparse import SparseBatch
+
+            j = rng.randrange(len(a.cond_images))
+            cam, cond_stored = a.cameras["cond"][j], a.cameras["cond_resolution"]
+            inp = image(a.cond_images[j], bg, R)
+            size = self.m.smdit_cfg.flow.cond_resolution
+            latents = self.cond_encoder(image(a.cond_images[j], bg, size)[None].to(self.device))
+            batch = SparseBatch.from_list([a.coords], [np.zeros((len(a.coords), 1), np.float32)]).to(self.device)
+            gen = torch.Generator(self.device).manual_seed(zlib.crc32(f"{cfg.seed}:{a.key}".encode()))
+            z = sample(self.m.smdit, batch.coords, batch.offsets, latents,
+                       SamplerConfig(steps=cfg.sampler_steps, guidance=cfg.guidance), gen)
+            g = decode_gaussians(self.m.decoder, a.coords, z)
+            pred = render(g, scaled(cam["K"], cond_stored, R)[None], torch.tensor(cam["w2c"])[None], R, bg)
+            res.rows |= view_metrics("gen", pred, inp[None], self.lpips)
+            idx = spread(len(cams), cfg.metric_views)
+            K = torch.stack([scaled(cams[i]["K"], stored, R) for i in idx])
+            views = render(g, K, torch.tensor([cams[i]["w2c"] for i in idx]), R, bg)
+            gts = torch.stack([image(a.views[i], bg, R) for i in idx])
+            res.rows["gen_clip"] = float(clip_score(views.to(self.device), inp[None].to(self.device),
+                                                    self.clip).mean())
+            for (name, side), stats in self.stats.items():
+                stats.update((views if side == "gen" else gts).to(self.device))
+            res.grid = [inp, pred[0], views[-1], gts[-1]] + res.grid
+            final = g
+        if "multiview" in cfg.protocols and final is not None:
+            from flux3d.evaluation.metrics import psnr
+
+            idx = azimuth_views(cams, cfg.multiview_views)
+            K = torch.stack([scaled(cams[i]["K"], stored, R) for i in idx])
+            views = render(final, K, torch.tensor([cams[i]["w2c"] for i in idx]), R, bg)
+            per_view = psnr(views, torch.stack([image(a.views[i], bg, R) for i in idx]))
+            res.rows["mv_psnr_mean"], res.rows["mv_psnr_std"] = float(per_view.mean()), float(per_view.std())
+            res.rows["mv_views"] = float(len(idx))
+        return res
+
+    def distances(self) -> dict[str, float]:
+        """FD and KD (raw; the paper's KD(%) is x100) per feature network, generated vs ground-truth views."""
+        from flux3d.evaluation.metrics import frechet_distance, kernel_distance
+
+        out: dict[str, float] = {}
+        if not self.generate:
+            return out
+        for name in ("inception", "dinov2"):
+            gen, gt = self.stats[(name, "gen")], self.stats[(name, "gt")]
+            if gen.num_samples < 2:
+                continue
+            out[f"fd_{name}"] = frechet_distance(gen, gt)
+            kd = kernel_distance(gen, gt, subsets=self.cfg.kd_subsets,
+                                 subset_size=min(self.cfg.kd_subset_size, gen.num_samples), seed=self.cfg.seed)
+            out[f"kd_{name}"] = kd.mean
+        return out
+
+
+def run(cfg: EvalConfig, models: Models, device: torch.device) -> dict[str, Any]:
+    """Evaluate; returns the summary (means over assets, distances), per-asset rows and the grid images."""
+    shards = cfg.shards or models.decoder_cfg.data.shards
+    keys = sample_keys(shards, cfg.split, cfg.assets, cfg.seed)
+    ev = Evaluator(cfg, models, device)
+    t0, results = time.perf_counter(), []
+    for a in eval_assets(shards, keys):
+        results.append(ev.asset(a))
+        log.info("evaluated %d/%d: %s", len(results), len(keys), a.key)
+    seconds = time.perf_counter() - t0
+    names = sorted({k for r in results for k in r.rows})
+    summary = {k: float(np.mean([r.rows[k] for r in results if k in r.rows])) for k in names}
+    summary |= ev.distances()
+    return {"summary": summary, "assets": [{"key": r.key, **r.rows} for r in results], "grids": results,
+            "shards": shards, "seconds_per_asset": seconds / max(len(results), 1), "count": len(results)}
+
+
+def evaluate(cfg: EvalConfig, decoder_run: str, smdit_run: str | None, out: str,
+             previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load the models (their EMA weights), run the protocols, write the report folder `out`; returns the report."""
+    import dataclasses
+
+    from flux3d.evaluation.report import write_report
+    from flux3d.training import checkpoint as ckpt_io
+    from flux3d.training.inference import load_model
+
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    decoder, dcfg = load_model(decoder_run, device=device)
+    if dcfg.kind != "decoder":
+        raise ValueError(f"{decoder_run} is a {dcfg.kind} run, not a decoder run")
+    models = Models(decoder, dcfg, decoder_run)
+    info: dict[str, Any] = {"config": dataclasses.asdict(cfg), "decoder_run": decoder_run,
+                            "decoder_step": ckpt_io.resolve(decoder_run)[1].step}
+    if smdit_run:
+        smdit, scfg = load_model(smdit_run, device=device)
+        if scfg.kind != "smdit":
+            raise ValueError(f"{smdit_run} is a {scfg.kind} run, not an SMDiT run")
+        models.smdit, models.smdit_cfg, models.smdit_run = smdit, scfg, smdit_run
+        info |= {"smdit_run": smdit_run, "smdit_step": ckpt_io.resolve(smdit_run)[1].step}
+    result = run(cfg, models, device)
+    return write_report(out, result, info, previous)

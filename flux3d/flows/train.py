@@ -1,0 +1,71 @@
+"""The train flow: decoder, then SMDiT, each a Ray Train job on the cluster the flow is connected to.
+
+Run directories are keyed by dataset version (<root>/models/<version>/{decoder,smdit}), and training resumes from a
+run's newest checkpoint, so re-running the flow (or the pipeline after a crash) continues or skips finished runs
+instead of starting over. The pipeline flow runs it as a sub-flow after the data flow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NONE
+
+from flux3d.config import Config
+from flux3d.flows.data import flow_config
+from flux3d.flows.executor import connect
+from flux3d.storage import Storage
+
+
+def run_config(cfg: Config, kind: str, version: str):  # noqa: ANN201 - TrainConfig
+    """The TrainConfig a pipeline's model node runs: its recipe, the shards of `version`, its run directory."""
+    from flux3d.training.config import apply_overrides
+    from flux3d.training.recipes import recipe
+
+    storage = Storage(cfg.storage.root)
+    t = cfg.train
+    sets = list(t.decoder_set if kind == "decoder" else t.smdit_set)
+    base = recipe(kind, t.decoder_recipe if kind == "decoder" else t.smdit_recipe)
+    # The models' voxel grid is the one this pipeline voxelized at (the trainer refuses a mismatch).
+    grid = f"decoder.gaussians.resolution={cfg.voxelize.resolution}" if kind == "decoder" else \
+        f"smdit.grid={cfg.voxelize.resolution}"
+    overrides = [f"data.shards={storage.path('shards', version)}",
+                 f"run.out={storage.path(t.runs, version, kind)}", grid, *sets]
+    if kind == "smdit":
+        overrides.append(f"run.decoder_run={storage.path(t.runs, version, 'decoder')}")
+        if not any(o.startswith("flow.encoder") for o in sets):  # the encoder the features were made with
+            overrides += [f"flow.encoder={cfg.encode.encoder}", f"flow.encoder_location={cfg.encode.location}"]
+    return apply_overrides(base, overrides)
+
+
+@task(name="train-model", cache_policy=NONE, task_run_name="train-{kind}")
+def train_task(cfg: Config, kind: str, version: str) -> dict[str, Any]:
+    from flux3d.training import checkpoint as ckpt_io
+    from flux3d.training.trainer import fit
+
+    tcfg = run_config(cfg, kind, version)
+    run = Storage(tcfg.run.out)
+    done = ckpt_io.latest(run)
+    if done is not None and done.step >= tcfg.run.steps:
+        get_run_logger().info("%s: %s is already trained to step %d", kind, run.url, done.step)
+        result = {"step": done.step, "metrics": done.meta.get("metrics", {}), "run": run.url}
+    else:
+        result = fit(tcfg, local=cfg.train.local)
+    rows = [{"metric": k, "value": round(float(v), 5)} for k, v in sorted(result["metrics"].items())]
+    create_table_artifact(rows, key=f"train-{kind}", description=f"{kind} at step {result['step']}: {run.url}")
+    return result
+
+
+@flow(name="flux3d-train", log_prints=True)
+def train_flow(root: str, dataset_version: str, config: str | None = None, recipe: str | None = None,
+               ray_address: str | None = None) -> dict[str, Any]:
+    """Train the decoder, then the SMDiT, on the shards of `dataset_version` under `root`."""
+    cfg = flow_config(root, config, recipe, ray_address)
+    if not cfg.train.local:
+        connect(cfg.flow.ray_address or None, cfg.flow.ray_num_cpus, cfg.flow.ray_dashboard)
+    decoder = train_task(cfg, "decoder", dataset_version)
+    smdit = train_task(cfg, "smdit", dataset_version)
+    return {"decoder": decoder, "smdit": smdit}
+
