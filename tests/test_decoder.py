@@ -71,6 +71,7 @@ def psnr(model: GaussianDecoder, ds, views) -> float:
 
 def _cfg(ds, out: Path, **sets):
     base = {"data.shards": ds.version_dir, "run.out": str(out), "run.steps": STEPS, "run.image_every": 0,
+            "run.log_every": 10,
             "decoder.gaussians.resolution": 32}
     return apply_overrides(recipe("decoder", "debug"), {**base, **sets})
 
@@ -88,7 +89,7 @@ def test_debug_decoder_overfits_one_real_asset(avocado, tmp_path):
     assert result["step"] == STEPS
     assert trained > 25.0 and trained > untrained + 6 and trained > black + 6
     losses = [m["loss"] for m in read_metrics(str(tmp_path / "run"))]
-    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:2])
+    assert np.mean(losses[-5:]) < 0.6 * losses[0]  # measured: 0.077 over the first 10 steps, ~0.03 at the end
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert events, "TensorBoard scalars were not written"
 

@@ -5,6 +5,7 @@ tiny demo models. Each flow runs as the `flux3d` command in its own process, as 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -127,6 +128,35 @@ def test_data_flow_on_shared_assets_good_reach_shards_bad_recorded(tmp_path, env
         assert stopped and r[f"{stopped[0]}_reason"], (name, "a bad asset must be stopped with a reason")
         assert r["shard_state"] is None
     once_per_key(root)
+
+
+def test_pipeline_trains_evaluates_and_a_rerun_redoes_nothing(tmp_path, env, demo):
+    """`flux3d pipeline` (the demo's main job): data flow, the decoder and SMDiT as Ray Train jobs, the evaluation
+    report; a second run changes no file; the retrain flow's gate promotes the first model and records why."""
+    config = write_demo_config(str(tmp_path / "run.toml"), str(demo / "models"))
+    root = tmp_path / "root"
+    out = cli(env, "pipeline", "--root", str(root), "--source", f"local:{demo / 'assets'}", "--config", config,
+              timeout=1200).stdout
+    version = (root / "shards" / "LATEST").read_text()
+    models = root / "models" / version
+    for kind in ("decoder", "smdit"):
+        meta = json.loads(next((models / kind / "checkpoints").glob("step_0000040/meta.json")).read_text())
+        assert meta["kind"] == kind and meta["config"]["data"]["shards"] == str(root / "shards" / version)
+    report = json.loads((models / "eval" / "report.json").read_text())
+    assert report["count"] == 3 and {"recon_psnr", "gen_psnr", "gen_clip", "mv_psnr_mean"} <= set(report["summary"])
+    assert f"report {models}/eval/report.md" in out
+    before = tree_digest(root, "models", "shards")
+    cli(env, "pipeline", "--root", str(root), "--source", f"local:{demo / 'assets'}", "--config", config)
+    assert tree_digest(root, "models", "shards") == before  # trained and evaluated already: nothing redone
+
+    code = ("from flux3d.flows.pipeline import retrain_flow; import sys; "
+            "retrain_flow(root=sys.argv[1], sources=[], config=sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, str(root), config], env=env, check=True, capture_output=True,
+                   timeout=600)
+    promoted = json.loads((root / "models" / "promoted.json").read_text())
+    assert promoted["model"] == str(models) and promoted["metrics"]["psnr"] == report["metrics"]["psnr"]
+    (decision,) = [json.loads(line) for line in (root / "models" / "promotions.jsonl").read_text().splitlines()]
+    assert decision["promoted"] and decision["reason"] == "first model: nothing to compare against"
 
 
 def _free_port() -> int:
