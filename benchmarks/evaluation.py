@@ -26,14 +26,14 @@ from flux3d.training.inference import load_model
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default="data/demo", help="a pipeline root with runs/<version>/{decoder,smdit}")
+    p.add_argument("--root", default="data/demo", help="a pipeline root with models/<version>/{decoder,smdit}")
     p.add_argument("--recipe", default="debug")
     p.add_argument("--set", action="append", default=[], help="EvalConfig overrides, e.g. assets=8")
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    runs = sorted(Path(args.root, "runs").glob("*/decoder/checkpoints"))
+    runs = sorted(Path(args.root, "models").glob("*/decoder/checkpoints"))
     if not runs:
-        raise SystemExit(f"no trained run under {args.root}/runs: run `make demo` (or pass --root)")
+        raise SystemExit(f"no trained run under {args.root}/models: run `make demo` (or pass --root)")
     run = runs[-1].parent.parent
     data = dataclasses.asdict(eval_recipe(args.recipe))
     for o in args.set:
