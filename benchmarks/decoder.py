@@ -15,6 +15,7 @@ does not depend on their values).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import numpy as np
@@ -73,7 +74,7 @@ def scaling(model: GaussianDecoder, device: torch.device, sizes: list[int], repe
 def packed_vs_padded(cfg: DecoderConfig, device: torch.device, sizes: list[int], repeat: int, bf16: bool) -> None:
     print("\n2. whole-asset attention, packed vs padded, batch of", sizes)
     with device:
-        model = GaussianDecoder(DecoderConfig(**{**_fields(cfg), "window": 0}))
+        model = GaussianDecoder(dataclasses.replace(cfg, window=0))
     b = batch_of(sizes, device)
     times = {}
     for backend in ("auto", "padded"):  # auto: bucketed on CPU, varlen/flash in bf16 on CUDA
@@ -123,21 +124,19 @@ def mfu(device: torch.device, repeat: int) -> None:
           + (f", MFU {flops / s / peak:.1%} of {peak / 1e12:.0f}" if peak else ""))
 
 
-def _fields(cfg: DecoderConfig) -> dict:
-    import dataclasses
-
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bench_args(doc: str) -> tuple[argparse.Namespace, torch.device, bool, int]:
+    """The model benchmarks' command line: --device, --quick; returns (args, device, on GPU, repeats)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     device = torch.device(args.device)
-    gpu = device.type == "cuda"
     torch.manual_seed(0)
-    repeat = 3 if args.quick else 10
+    return args, device, device.type == "cuda", 3 if args.quick else 10
+
+
+def main() -> None:
+    args, device, gpu, repeat = bench_args(__doc__)
     cfg = DecoderConfig() if gpu else DecoderConfig(width=64, depth=2, heads=2, gaussians=GaussianConfig(per_voxel=8))
     print(f"device {device}; decoder {cfg.width}x{cfg.depth}, window {cfg.window}")
     with device:

@@ -13,14 +13,13 @@ Layouts are voxel shells (benchmarks/decoder.py) at 64^3; latents and conditioni
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decoder import batch_of, timed  # noqa: E402 - the shared layout and timing helpers
+from decoder import batch_of, bench_args, timed  # noqa: E402 - the shared layout, timing and CLI helpers
 
 from flux3d.training.flow_matching import SamplerConfig, flow_matching_loss, sample  # noqa: E402
 from flux3d.training.smdit import SMDiT, SMDiTConfig  # noqa: E402
@@ -42,14 +41,7 @@ def step_fn(model: SMDiT, sizes: list[int], latent_hw: int, device: torch.device
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args()
-    device = torch.device(args.device)
-    gpu = device.type == "cuda"
-    repeat = 3 if args.quick else 10
-    torch.manual_seed(0)
+    args, device, gpu, repeat = bench_args(__doc__)
     cfg = SMDiTConfig() if gpu else SMDiTConfig(width=64, heads=2, double_blocks=1, single_blocks=1)
     latent_hw = 128 if gpu else 16  # 1024 px conditioning -> 128^2 latents -> 64^2 tokens (CPU: 128 px)
     with device:

@@ -305,6 +305,10 @@ class Config:
 def _check_type(where: str, value: Any, tp: Any) -> Any:
     """Validate one TOML value against a field annotation (the subset of types config fields use)."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ValueError(f"{where}: {value!r} is not one of {typing.get_args(tp)}")
+        return value
     if origin in (typing.Union, types.UnionType):
         errors = []
         for arm in typing.get_args(tp):
@@ -337,7 +341,9 @@ def _check_type(where: str, value: Any, tp: Any) -> Any:
     raise ValueError(f"{where}: unsupported field type {tp}")
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+def build_dataclass(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """A config dataclass from plain data (TOML, JSON), nested sections included; unknown keys and wrong types are
+    ValueErrors, and each dataclass's own checks run. The training and evaluation configs are built the same way."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
@@ -350,14 +356,14 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ValueError(f"[{sub_where}] must be a table")
-            kwargs[name] = _build(tp, value, sub_where)
+            kwargs[name] = build_dataclass(tp, value, sub_where)
         else:
             kwargs[name] = _check_type(sub_where, value, tp)
     return cls(**kwargs)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    return _build(Config, data, "")
+    return build_dataclass(Config, data, "")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,

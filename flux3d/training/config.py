@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from flux3d.config import build_dataclass
 from flux3d.training.decoder import DecoderConfig
 from flux3d.training.gaussians import GaussianConfig
 from flux3d.training.smdit import SMDiTConfig
@@ -171,49 +171,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """A dict/JSON value (or override string) as the field type; nested dataclasses are built recursively."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a table, got {value!r}")
-        return from_dict(tp, value, where)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ValueError(f"{where}: {value!r} is not one of {typing.get_args(tp)}")
-        return value
-    if origin in (typing.Union, __import__("types").UnionType):
-        arms = typing.get_args(tp)
-        if value is None and type(None) in arms:
-            return None
-        for arm in arms:
-            if arm is type(None):
-                continue
-            try:
-                return _coerce(value, arm, where)
-            except ValueError:
-                continue
-        raise ValueError(f"{where}: {value!r} matches none of {tp}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(v, item, where) for v in value]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
-        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
-    return value
-
-
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build a config dataclass from a plain dict (config.json, a checkpoint); unknown keys are an error."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ValueError(f"unknown key(s) in {where or cls.__name__}: {sorted(unknown)}")
-    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()})
+    return build_dataclass(cls, data, where)
 
 
 def parse_value(text: str) -> Any:
