@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
-from flux3d.evaluation.config import EvalConfig, eval_recipe
+from flux3d.evaluation.config import EvalConfig, eval_config
 from flux3d.evaluation.evaluate import Evaluator, Models
 from flux3d.evaluation.protocols import eval_assets, sample_keys
-from flux3d.training.config import from_dict, parse_value
 from flux3d.training.inference import load_model
 
 
@@ -35,15 +34,12 @@ def main() -> None:
     if not runs:
         raise SystemExit(f"no trained run under {args.root}/models: run `make demo` (or pass --root)")
     run = runs[-1].parent.parent
-    data = dataclasses.asdict(eval_recipe(args.recipe))
-    for o in args.set:
-        key, _, value = o.partition("=")
-        data[key] = parse_value(value)
+    sets = list(args.set)
     if Path(args.root, "demo-models", "demo_clip.pt").is_file():  # the demo's tiny CLIP, as the demo evaluates
         models_dir = Path(args.root, "demo-models")
-        data |= {"clip_model": "demo_clip", "clip_weights": str(models_dir / "demo_clip.pt"),
-                 "clip_model_config": str(models_dir / "demo_clip.json")}
-    base: EvalConfig = from_dict(EvalConfig, data)
+        sets = ["clip_model=demo_clip", f"clip_weights={models_dir / 'demo_clip.pt'}",
+                f"clip_model_config={models_dir / 'demo_clip.json'}", *sets]
+    base: EvalConfig = eval_config(args.recipe, sets)
     decoder, dcfg = load_model(str(run / "decoder"))
     smdit, scfg = load_model(str(run / "smdit"))
     models = Models(decoder, dcfg, str(run / "decoder"), smdit, scfg, str(run / "smdit"))

@@ -139,10 +139,9 @@ def evaluate(
 ) -> None:
     """Reconstruction, generation and multi-view metrics of trained models, written as a report
     (report.json / .md / .html, grid.png) with the paper's published numbers beside them."""
-    from flux3d.evaluation.config import EvalConfig, eval_recipe
+    from flux3d.evaluation.config import eval_config
     from flux3d.evaluation.evaluate import evaluate as run_evaluate
     from flux3d.storage import Storage
-    from flux3d.training.config import from_dict, parse_value
 
     _logging()
     if not run and not decoder:
@@ -152,17 +151,7 @@ def evaluate(
         smdit = f"{run.rstrip('/')}/smdit"
     out = out or f"{(run or decoder).rstrip('/')}/eval"
     try:
-        import dataclasses
-
-        data = dataclasses.asdict(eval_recipe(recipe))
-        for o in set_ or []:
-            key, _, value = o.partition("=")
-            if key not in data:
-                raise ValueError(f"--set {o!r}: no field {key!r} (known: {sorted(data)})")
-            data[key] = parse_value(value)
-        if shards:
-            data["shards"] = shards
-        cfg = from_dict(EvalConfig, data)
+        cfg = eval_config(recipe, [*(set_ or []), *([f"shards={shards}"] if shards else [])])
         prev = json.loads(open(previous).read()) if previous else None
         doc = run_evaluate(cfg, decoder, smdit, out, prev)
     except ValueError as e:

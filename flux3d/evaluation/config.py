@@ -63,3 +63,20 @@ def eval_recipe(name: str) -> EvalConfig:
                           allow_random_extractors=True, kd_subsets=10, kd_subset_size=4,
                           dinov2_variant="vits14")
     raise ValueError(f"unknown evaluation recipe {name!r}; known: debug, paper")
+
+
+def eval_config(recipe: str, sets: list[str] | None = None) -> EvalConfig:
+    """A recipe with `key=value` overrides (TOML values), as `flux3d evaluate --set` and `[evaluate] set` give them."""
+    import dataclasses
+
+    from flux3d.config import build_dataclass
+    from flux3d.training.config import parse_value
+
+    data = dataclasses.asdict(eval_recipe(recipe))
+    for o in sets or []:
+        key, sep, value = o.partition("=")
+        if not sep or key not in data:
+            raise ValueError(f"evaluation override {o!r}: expected key=value with key one of {sorted(data)}")
+        data[key] = parse_value(value)
+    return build_dataclass(EvalConfig, data, "evaluate")
+

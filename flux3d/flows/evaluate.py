@@ -17,22 +17,9 @@ from flux3d.flows.data import flow_config
 from flux3d.storage import Storage
 
 
-def eval_config(cfg: Config):  # noqa: ANN201 - EvalConfig
-    """The `[evaluate]` section's recipe with its overrides."""
-    from flux3d.evaluation.config import EvalConfig, eval_recipe
-    from flux3d.training.config import from_dict, parse_value
-
-    data = dataclasses.asdict(eval_recipe(cfg.evaluate.recipe))
-    for o in cfg.evaluate.set:
-        key, _, value = o.partition("=")
-        if key not in data:
-            raise ValueError(f"evaluate.set {o!r}: no field {key!r}")
-        data[key] = parse_value(value)
-    return from_dict(EvalConfig, data)
-
-
 @task(name="evaluate-models", cache_policy=NONE)
 def evaluate_task(cfg: Config, version: str) -> dict[str, Any]:
+    from flux3d.evaluation.config import eval_config
     from flux3d.evaluation.evaluate import evaluate
     from flux3d.flows.artifacts import thumbnail
     from flux3d.training import checkpoint as ckpt_io
@@ -40,7 +27,7 @@ def evaluate_task(cfg: Config, version: str) -> dict[str, Any]:
     storage = Storage(cfg.storage.root)
     run = storage.path(cfg.train.runs, version)
     out = f"{run}/eval"
-    ecfg = eval_config(cfg)
+    ecfg = eval_config(cfg.evaluate.recipe, cfg.evaluate.set)
     if Storage(out).exists("report.json"):  # the same models and settings evaluated already: nothing to redo
         done = json.loads(Storage(out).read_bytes("report.json"))
         steps = [ckpt_io.resolve(f"{run}/{k}")[1].step for k in ("decoder", "smdit")]
