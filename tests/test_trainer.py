@@ -145,3 +145,22 @@ def test_generate_writes_gaussians_on_the_given_layout(demo_ds, tmp_path):
     swapped = [str(tmp_path / "decoder") if a == str(tmp_path / "smdit") else a for a in args]  # --smdit: a decoder
     bad = subprocess.run(swapped, capture_output=True, text=True, timeout=300, check=False)
     assert bad.returncode != 0 and "is a decoder run" in bad.stderr
+
+
+def test_tensorboard_gets_scalars_and_render_grids(demo_ds, tmp_path):
+    """Both models log their scalars and, every `run.image_every` steps, a render-vs-target grid (the SMDiT's
+    through the decoder run it names) to TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit(_cfg("decoder", demo_ds, tmp_path / "decoder", **{"run.steps": 2, "run.image_every": 2}), local=True)
+    fit(_cfg("smdit", demo_ds, tmp_path / "smdit", **{"run.steps": 2, "run.image_every": 2,
+                                                      "run.decoder_run": str(tmp_path / "decoder")}), local=True)
+    for kind in ("decoder", "smdit"):
+        events = EventAccumulator(str(tmp_path / kind / "tensorboard"))
+        events.Reload()
+        tags = events.Tags()
+        assert {"loss", "samples_per_s", "grad_norm"} <= set(tags["scalars"]), (kind, tags)
+        (image,) = events.Images("render_vs_target")
+        # Targets above renders: two rows of 32 px views (make_grid pads by 2), one column per asset shown.
+        assert image.step == 2 and image.height == 2 * 32 + 3 * 2
+        assert image.width == (2 if kind == "decoder" else 1) * 34 + 2

@@ -51,6 +51,7 @@ class SMDiTTask(Task):
         super().__init__(cfg, device)
         f = cfg.flow
         self.cond_encoder = ConditionEncoder(f.encoder, f.encoder_location, f.cond_resolution, device)
+        self._decoder: nn.Module | None = None  # loaded on first use, for the image grids
 
     def build_model(self) -> nn.Module:
         model = SMDiT(self.cfg.smdit)
@@ -84,3 +85,30 @@ class SMDiTTask(Task):
         voxel_tokens = int(torch.unique(key).numel())  # after the 2^3 patchify
         return {"samples": float(v.batch_size), "tokens": float(voxel_tokens + v.batch_size * img_tokens),
                 "flops": flops}
+
+    def images(self, model: nn.Module, batch: Batch) -> torch.Tensor | None:
+        """With `run.decoder_run`: the first asset's target view above its render from latents sampled for its
+        conditioning image (10 Euler steps: a quick look at what the model has learned, not an evaluation)."""
+        if not self.cfg.run.decoder_run or batch.cond is None:
+            return None
+        from torchvision.utils import make_grid
+
+        from flux3d.training.flow_matching import SamplerConfig, sample
+        from flux3d.training.inference import load_model
+        from flux3d.training.tasks import render_views
+
+        if self._decoder is None:
+            self._decoder = load_model(self.cfg.run.decoder_run, device=self.device)[0]
+        v = batch.voxels
+        n = int(v.offsets[1])
+        offsets = v.offsets[:2]
+        was = model.training
+        model.eval()
+        z = sample(_unwrap(model), v.coords[:n], offsets, self.cond_encoder(batch.cond[:1]), SamplerConfig(steps=10),
+                   torch.Generator(self.device).manual_seed(0))
+        model.train(was)
+        out = self._decoder(z, v.coords[:n], offsets)
+        gaussians = self._decoder.to_gaussians(out.raw, v.coords[:n], offsets)
+        H, W = batch.images.shape[-2:]
+        pred = render_views(gaussians, batch.K[:1], batch.w2c[:1], H, W, batch.background[:1])
+        return make_grid(torch.cat([batch.images[:1, 0], pred[:, 0].clamp(0, 1)]), nrow=1)
