@@ -164,3 +164,22 @@ def test_tensorboard_gets_scalars_and_render_grids(demo_ds, tmp_path):
         # Targets above renders: two rows of 32 px views (make_grid pads by 2), one column per asset shown.
         assert image.step == 2 and image.height == 2 * 32 + 3 * 2
         assert image.width == (2 if kind == "decoder" else 1) * 34 + 2
+
+
+def test_run_directory_on_an_object_store(demo_ds):
+    """run.out on an fsspec store (memory://): checkpoints, config.json and metrics.jsonl land there, and a second
+    fit with more steps resumes from the stored checkpoint instead of starting over."""
+    import fsspec
+
+    out = "memory://flux3d-tests/run"
+    cfg = _cfg("decoder", demo_ds, Path("unused"), **{"run.out": out, "run.steps": 2, "run.ckpt_every": 2})
+    fit(cfg, local=True)
+    fs = fsspec.filesystem("memory")
+    assert fs.exists("/flux3d-tests/run/checkpoints/step_0000002/meta.json")
+    fit(apply_overrides(cfg, {"run.steps": 4}), local=True)
+    steps = [m["step"] for m in read_metrics(out)]
+    assert steps == [1, 2, 3, 4]  # resumed at 3, not retrained from 1
+    assert [c.step for c in ckpt_io.list_checkpoints(Storage(out))] == [2, 4]
+    model, loaded = load_model(out)
+    assert loaded.run.steps == 4 and sum(p.numel() for p in model.parameters()) > 0
+    fs.rm("/flux3d-tests", recursive=True)
