@@ -86,6 +86,9 @@ class Evaluator:
             res.rows |= view_metrics("recon", pred, gt.clamp(0, 1), self.lpips)
             res.grid += [gt[0], pred[0]]
             final = g
+        if self.generate and not a.cond_images:
+            # Shards built with shard.cond = "latents" carry no input image to compare renders against.
+            log.warning("%s: no conditioning images in the shards (shard.cond = latents?): generation skipped", a.key)
         if self.generate and a.cond_images:
             from flux3d.evaluation.metrics import clip_score
             from flux3d.training.flow_matching import SamplerConfig, sample
