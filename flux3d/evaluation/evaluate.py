@@ -18,7 +18,6 @@ from flux3d.evaluation.protocols import (
     AssetResult,
     EvalAsset,
     azimuth_views,
-    decode_gaussians,
     eval_assets,
     image,
     render,
@@ -28,6 +27,7 @@ from flux3d.evaluation.protocols import (
     view_metrics,
 )
 from flux3d.training.config import TrainConfig
+from flux3d.training.inference import decode_gaussians
 
 log = logging.getLogger(__name__)
 
@@ -91,19 +91,17 @@ class Evaluator:
             log.warning("%s: no conditioning images in the shards (shard.cond = latents?): generation skipped", a.key)
         if self.generate and a.cond_images:
             from flux3d.evaluation.metrics import clip_score
-            from flux3d.training.flow_matching import SamplerConfig, sample
-            from flux3d.training.sparse import SparseBatch
+            from flux3d.training.flow_matching import SamplerConfig
+            from flux3d.training.inference import generate
 
             j = rng.randrange(len(a.cond_images))
             cam, cond_stored = a.cameras["cond"][j], a.cameras["cond_resolution"]
             inp = image(a.cond_images[j], bg, R)
             size = self.m.smdit_cfg.flow.cond_resolution
             latents = self.cond_encoder(image(a.cond_images[j], bg, size)[None].to(self.device))
-            batch = SparseBatch.from_list([a.coords], [np.zeros((len(a.coords), 1), np.float32)]).to(self.device)
-            gen = torch.Generator(self.device).manual_seed(zlib.crc32(f"{cfg.seed}:{a.key}".encode()))
-            z = sample(self.m.smdit, batch.coords, batch.offsets, latents,
-                       SamplerConfig(steps=cfg.sampler_steps, guidance=cfg.guidance), gen)
-            g = decode_gaussians(self.m.decoder, a.coords, z)
+            g = generate(self.m.smdit, self.m.decoder, latents, a.coords,
+                         SamplerConfig(steps=cfg.sampler_steps, guidance=cfg.guidance),
+                         seed=zlib.crc32(f"{cfg.seed}:{a.key}".encode())).gaussians
             pred = render(g, scaled(cam["K"], cond_stored, R)[None], torch.tensor(cam["w2c"])[None], R, bg)
             res.rows |= view_metrics("gen", pred, inp[None], self.lpips)
             idx = spread(len(cams), cfg.metric_views)

@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from flux3d.evaluation.config import EvalConfig
 from flux3d.shards.format import decode_image, decode_sample, over_background
 from flux3d.training.gaussians import Gaussians
-from flux3d.training.rasterizer import rasterize
-from flux3d.training.sparse import SparseBatch
+from flux3d.training.rasterizer import render_views
 
 
 @dataclass
@@ -89,11 +88,11 @@ def scaled(K: list | np.ndarray, stored: int, resolution: int) -> torch.Tensor:
 
 def render(g: Gaussians, K_V33: torch.Tensor, w2c_V44: torch.Tensor, resolution: int,
            background: float) -> torch.Tensor:
-    """(V, 3, R, R) renders in [0, 1]."""
+    """(V, 3, R, R) renders in [0, 1], on the CPU."""
     dev = g.means.device
-    out = rasterize(g, w2c_V44.to(dev), K_V33.to(dev), resolution, resolution,
-                    background=torch.full((3,), background, device=dev))
-    return out.rgb.permute(0, 3, 1, 2).clamp(0, 1).cpu()
+    out = render_views([g], K_V33[None].to(dev), w2c_V44[None].to(dev), resolution, resolution,
+                       torch.full((1, 3), background, device=dev))
+    return out[0].clamp(0, 1).cpu()
 
 
 def azimuth_views(cameras: list[dict], n: int) -> list[int]:
@@ -116,16 +115,6 @@ class AssetResult:
     rows: dict[str, float] = field(default_factory=dict)
     grid: list[torch.Tensor] = field(default_factory=list)
     """Images for the report's grid: input, ours (input view), ground truth."""
-
-
-def decode_gaussians(decoder: torch.nn.Module, coords: np.ndarray, mu: torch.Tensor | np.ndarray) -> Gaussians:
-    dev = next(decoder.parameters()).device
-    mu_t = torch.as_tensor(mu, dtype=torch.float32)
-    batch = SparseBatch.from_list([coords], [mu_t.cpu()]).to(dev)
-    with torch.no_grad():
-        out = decoder(batch.feats, batch.coords, batch.offsets)
-        (g,) = decoder.to_gaussians(out.raw, batch.coords, batch.offsets)
-    return g
 
 
 def view_metrics(prefix: str, pred: torch.Tensor, target: torch.Tensor, lpips_net: torch.nn.Module) -> dict:

@@ -81,15 +81,26 @@ class Generated:
 
 
 @torch.no_grad()
-def generate(smdit: SMDiT, decoder: GaussianDecoder, cond_latents: torch.Tensor, coords_N3: np.ndarray,
+def decode_gaussians(decoder: GaussianDecoder, coords_N3: np.ndarray | torch.Tensor,
+                     latents_NC: np.ndarray | torch.Tensor) -> Gaussians:
+    """One asset's per-voxel latents (not normalised) -> its Gaussians, on the decoder's device."""
+    dev = next(decoder.parameters()).device
+    coords = torch.as_tensor(coords_N3).cpu()  # packing happens on the host, then the batch moves
+    batch = SparseBatch.from_list([coords], [torch.as_tensor(latents_NC, dtype=torch.float32).cpu()]).to(dev)
+    out = decoder(batch.feats, batch.coords, batch.offsets)
+    (gaussians,) = decoder.to_gaussians(out.raw, batch.coords, batch.offsets)
+    return gaussians
+
+
+@torch.no_grad()
+def generate(smdit: SMDiT, decoder: GaussianDecoder, cond_latents: torch.Tensor, coords_N3: np.ndarray | torch.Tensor,
              sampler: SamplerConfig, seed: int = 0) -> Generated:
+    """Latents sampled for one conditioning image on the layout `coords_N3`, and the decoder's Gaussians of them."""
     device = next(smdit.parameters()).device
-    batch = SparseBatch.from_list([coords_N3], [np.zeros((len(coords_N3), 1), np.float32)]).to(device)
+    batch = SparseBatch.from_list([torch.as_tensor(coords_N3).cpu()], [torch.zeros(len(coords_N3), 1)]).to(device)
     gen = torch.Generator(device).manual_seed(seed)
     latents = sample(smdit, batch.coords, batch.offsets, cond_latents.to(device), sampler, gen)
-    out = decoder(latents.to(next(decoder.parameters()).device), batch.coords, batch.offsets)
-    (gaussians,) = decoder.to_gaussians(out.raw, batch.coords, batch.offsets)
-    return Generated(latents, gaussians)
+    return Generated(latents, decode_gaussians(decoder, coords_N3, latents))
 
 
 @torch.no_grad()

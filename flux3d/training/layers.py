@@ -29,18 +29,12 @@ class Sequences:
         lengths = offsets[1:] - offsets[:-1]
         return cls(offsets, int(lengths.max()) if len(lengths) else 0)
 
-    def pairs(self) -> int:
-        """Query-key pairs attention computes (for FLOP counts)."""
-        lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).double()
-        return int((lengths ** 2).sum())
-
 
 Groups = Sequences | WindowPartition
 
 
 def attention_pairs(groups: Groups) -> int:
-    if isinstance(groups, Sequences):
-        return groups.pairs()
+    """Query-key pairs attention computes over these groups (for FLOP counts)."""
     lengths = (groups.cu_seqlens[1:] - groups.cu_seqlens[:-1]).double()
     return int((lengths ** 2).sum())
 

@@ -277,3 +277,12 @@ def rasterize(g: Gaussians, w2c_C44: torch.Tensor, K_C33: torch.Tensor, width: i
             raise ValueError("the gsplat backend needs CUDA tensors")
         return _rasterize_gsplat(g, w2c_C44, K_C33, width, height, background_C3.contiguous(), near, far, eps2d)
     return _rasterize_torch(g, w2c_C44, K_C33, width, height, background_C3, near, far, eps2d)
+
+
+def render_views(gaussians: list[Gaussians], K_BV33: torch.Tensor, w2c_BV44: torch.Tensor, height: int, width: int,
+                 background_B3: torch.Tensor) -> torch.Tensor:
+    """Each asset's Gaussians from its own V cameras -> (B, V, 3, H, W) images over its background (training
+    targets, evaluation views and previews all render through here)."""
+    images = [rasterize(g, w2c_BV44[b], K_BV33[b], width, height, background=background_B3[b]).rgb
+              for b, g in enumerate(gaussians)]
+    return torch.stack(images).permute(0, 1, 4, 2, 3)

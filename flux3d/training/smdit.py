@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flux3d.training.layers import MLP, Attention, Sequences, attend, checkpointed, timestep_embedding
+from flux3d.training.layers import MLP, Attention, Sequences, attend, attention_pairs, checkpointed, timestep_embedding
 from flux3d.training.rope import (
     RotaryEmbedding,
     SinusoidalPositionEmbedding,
@@ -306,12 +306,12 @@ class SMDiT(nn.Module):
         for blk in self.double_stream:
             if isinstance(blk, DoubleStreamBlock):
                 fwd += 2.0 * (weights(blk.streams[0]) * n_vox + weights(blk.streams[1]) * n_img)
-                fwd += 4.0 * lay.joint.pairs() * self.cfg.width
+                fwd += 4.0 * attention_pairs(lay.joint) * self.cfg.width
             else:  # cross-attention DiT: kv over image tokens, the rest over voxel tokens
                 fwd += 2.0 * (weights(blk) - blk.kv.weight.numel()) * n_vox + 2.0 * blk.kv.weight.numel() * n_img
-                fwd += 4.0 * (lay.vox.pairs() + n_vox * image_tokens) * self.cfg.width
+                fwd += 4.0 * (attention_pairs(lay.vox) + n_vox * image_tokens) * self.cfg.width
         for blk in self.single_stream:
-            fwd += 2.0 * weights(blk) * (n_vox + n_img) + 4.0 * lay.joint.pairs() * self.cfg.width
+            fwd += 2.0 * weights(blk) * (n_vox + n_img) + 4.0 * attention_pairs(lay.joint) * self.cfg.width
         return 3.0 * fwd
 
 

@@ -18,7 +18,7 @@ from flux3d.training.config import TrainConfig
 from flux3d.training.data import Batch
 from flux3d.training.flow_matching import flow_matching_loss, logit_normal, normalize
 from flux3d.training.smdit import SMDiT
-from flux3d.training.tasks import Task, _unwrap
+from flux3d.training.tasks import Task, unwrap
 
 
 class ConditionEncoder:
@@ -66,7 +66,7 @@ class SMDiTTask(Task):
         v, f = batch.voxels, self.cfg.flow
         B = v.batch_size
         cond = self.cond_encoder(batch.cond)
-        z0 = normalize(_unwrap(model), v.feats.float())
+        z0 = normalize(unwrap(model), v.feats.float())
         t = logit_normal(B, f.logit_normal_mean, f.logit_normal_std, gen, self.device)
         eps = torch.randn(z0.shape, generator=gen, device=self.device)
         drop = torch.rand(B, generator=gen, device=self.device) < f.cond_drop
@@ -79,7 +79,7 @@ class SMDiTTask(Task):
         if batch.cond is not None:
             side = batch.cond.shape[-1] if batch.cond.shape[1] != 3 else self.cfg.flow.cond_resolution // 8
             img_tokens = (side // 2) ** 2
-        flops = _unwrap(model).flops(v.coords, v.offsets, img_tokens) if self.device.type == "cuda" else 0.0
+        flops = unwrap(model).flops(v.coords, v.offsets, img_tokens) if self.device.type == "cuda" else 0.0
         key = v.coords.long()
         key = ((key[:, 0] * 256 + key[:, 1] // 2) * 256 + key[:, 2] // 2) * 256 + key[:, 3] // 2
         voxel_tokens = int(torch.unique(key).numel())  # after the 2^3 patchify
@@ -93,22 +93,18 @@ class SMDiTTask(Task):
             return None
         from torchvision.utils import make_grid
 
-        from flux3d.training.flow_matching import SamplerConfig, sample
-        from flux3d.training.inference import load_model
-        from flux3d.training.tasks import render_views
+        from flux3d.training.flow_matching import SamplerConfig
+        from flux3d.training.inference import generate, load_model
+        from flux3d.training.rasterizer import render_views
 
         if self._decoder is None:
             self._decoder = load_model(self.cfg.run.decoder_run, device=self.device)[0]
         v = batch.voxels
-        n = int(v.offsets[1])
-        offsets = v.offsets[:2]
         was = model.training
         model.eval()
-        z = sample(_unwrap(model), v.coords[:n], offsets, self.cond_encoder(batch.cond[:1]), SamplerConfig(steps=10),
-                   torch.Generator(self.device).manual_seed(0))
+        g = generate(unwrap(model), self._decoder, self.cond_encoder(batch.cond[:1]),
+                     v.coords[:int(v.offsets[1]), 1:], SamplerConfig(steps=10)).gaussians
         model.train(was)
-        out = self._decoder(z, v.coords[:n], offsets)
-        gaussians = self._decoder.to_gaussians(out.raw, v.coords[:n], offsets)
         H, W = batch.images.shape[-2:]
-        pred = render_views(gaussians, batch.K[:1], batch.w2c[:1], H, W, batch.background[:1])
+        pred = render_views([g], batch.K[:1], batch.w2c[:1], H, W, batch.background[:1])
         return make_grid(torch.cat([batch.images[:1, 0], pred[:, 0].clamp(0, 1)]), nrow=1)

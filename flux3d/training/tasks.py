@@ -20,18 +20,11 @@ from flux3d.training.config import TrainConfig
 from flux3d.training.data import Batch, make_loader, shard_urls
 from flux3d.training.decoder import GaussianDecoder
 from flux3d.training.gaussians import Gaussians
-from flux3d.training.rasterizer import rasterize
+from flux3d.training.rasterizer import render_views
 
 
-def render_views(gaussians: list[Gaussians], K_BV33: torch.Tensor, w2c_BV44: torch.Tensor, height: int, width: int,
-                 background_B3: torch.Tensor) -> torch.Tensor:
-    """Each asset's Gaussians from its own V cameras -> (B, V, 3, H, W) images over its background."""
-    images = [rasterize(g, w2c_BV44[b], K_BV33[b], width, height, background=background_B3[b]).rgb
-              for b, g in enumerate(gaussians)]
-    return torch.stack(images).permute(0, 1, 4, 2, 3)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (FSDP2 and plain modules are their own model)."""
     return getattr(model, "module", model)
 
 
@@ -112,7 +105,7 @@ class DecoderTask(Task):
                                                                                              torch.Tensor]:
         v = batch.voxels
         out = model(v.feats, v.coords, v.offsets, sigma_MC=batch.sigma if model.training else None, generator=gen)
-        gaussians = _unwrap(model).to_gaussians(out.raw, v.coords, v.offsets)
+        gaussians = unwrap(model).to_gaussians(out.raw, v.coords, v.offsets)
         B, V, _, H, W = batch.images.shape
         pred = render_views(gaussians, batch.K, batch.w2c, H, W, batch.background)
         return out, gaussians, pred
@@ -123,7 +116,7 @@ class DecoderTask(Task):
 
     def work(self, model: nn.Module, batch: Batch) -> dict[str, float]:
         v = batch.voxels
-        flops = _unwrap(model).flops(v.coords, v.offsets) if self.device.type == "cuda" else 0.0
+        flops = unwrap(model).flops(v.coords, v.offsets) if self.device.type == "cuda" else 0.0
         return {"samples": float(v.batch_size), "tokens": float(v.coords.shape[0]), "flops": flops}
 
     def images(self, model: nn.Module, batch: Batch) -> torch.Tensor | None:

@@ -27,7 +27,7 @@ from torch import nn
 from flux3d.storage import Storage
 from flux3d.training import checkpoint as ckpt_io
 from flux3d.training.config import TrainConfig, from_dict
-from flux3d.training.tasks import Task, make_task
+from flux3d.training.tasks import Task, make_task, unwrap
 from flux3d.training.telemetry import Telemetry, peak_flops
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,6 @@ def _wrap(model: nn.Module, cfg: TrainConfig, device: torch.device, world: int) 
             fully_shard(block)
         return fully_shard(model)
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 class EMA:
@@ -125,7 +121,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                               betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
                               fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(cfg.optim.warmup_steps))
-    ema = EMA(_unwrap(model), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    ema = EMA(unwrap(model), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
 
     step, epoch, skip = 0, 0, 0
     sd, opts = _state_io()
@@ -144,7 +140,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     telemetry = Telemetry(run, cfg, rank, resume_step=step, peak=peak_flops(device) if bf16 else None)
     loader = task.loader(rank, world, start_epoch=epoch)
-    params = sum(p.numel() for p in _unwrap(model).parameters())
+    params = sum(p.numel() for p in unwrap(model).parameters())
     if rank == 0:
         log.info("%s: %.2f M parameters, %d worker(s), %s%s", cfg.kind, params / 1e6, world, device,
                  " bf16" if bf16 else "")
@@ -176,9 +172,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 last = logged
                 if not math.isfinite(last["loss"]):
                     raise FloatingPointError(f"loss {last['loss']} by step {step}: lower optim.lr or check the data")
-            if rank == 0 and cfg.run.image_every and step % cfg.run.image_every == 0:
+            # Rank 0 draws the grid; under FSDP every rank must join the forward's parameter all-gathers.
+            if cfg.run.image_every and step % cfg.run.image_every == 0 and (rank == 0 or cfg.scale.fsdp):
                 with torch.no_grad():
-                    telemetry.images(step, task.images(_unwrap(model), batch))
+                    telemetry.images(step, task.images(unwrap(model), batch))
             if step % cfg.run.ckpt_every == 0 or step == cfg.run.steps:
                 _save(run, cfg, model, optim, sched, ema, step, epoch, batches, last, telemetry, rank)
             if step >= cfg.run.steps:
