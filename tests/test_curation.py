@@ -4,8 +4,8 @@ real local server, the real LAION head and the open_clip scorer at a tiny size."
 from __future__ import annotations
 
 import base64
-import io
 import dataclasses
+import io
 from pathlib import Path
 
 import numpy as np

@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from flux3d.training.gaussians import (PLY_PROPERTIES, RAW_CHANNELS, SH_C0, GaussianConfig, Gaussians,
-                                       gaussians_from_raw, load_ply, save_ply)
+from flux3d.training.gaussians import (
+    PLY_PROPERTIES,
+    RAW_CHANNELS,
+    SH_C0,
+    GaussianConfig,
+    Gaussians,
+    gaussians_from_raw,
+    load_ply,
+    save_ply,
+)
 
 CFG = GaussianConfig(per_voxel=8, resolution=16)
 

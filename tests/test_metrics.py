@@ -17,8 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from flux3d.evaluation import metrics as M
-from flux3d.evaluation.extractors import (IMAGENET_MEAN, IMAGENET_STD, build_extractor, clip_image_encoder, dinov2,
-                                          dinov2_model, dinov2_state, dinov2_vitl14, inception_v3)
+from flux3d.evaluation.extractors import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_extractor,
+    clip_image_encoder,
+    dinov2,
+    dinov2_model,
+    dinov2_state,
+    dinov2_vitl14,
+    inception_v3,
+)
 from flux3d.training.perceptual import load_exact, load_lpips_vgg
 
 TINY_CLIP = Path(__file__).resolve().parent / "fixtures" / "tiny_clip.json"

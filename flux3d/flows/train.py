@@ -48,7 +48,7 @@ def train_task(cfg: Config, kind: str, version: str) -> dict[str, Any]:
     tcfg = run_config(cfg, kind, version)
     run = Storage(tcfg.run.out)
     done = ckpt_io.latest(run)
-    if done is not None and done.step >= tcfg.run.steps:
+    if done is not None and done.step >= tcfg.run.steps:  # fit would find this too, but only inside a Ray job
         get_run_logger().info("%s: %s is already trained to step %d", kind, run.url, done.step)
         result = {"step": done.step, "metrics": done.meta.get("metrics", {}), "run": run.url}
     else:
