@@ -43,14 +43,16 @@ def _print_counts(title: str, rows: list[tuple[str, dict[str, int], dict[str, in
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
     table = Table(*("stage", *states, *extra), title=title, title_justify="left")
     for stage, counts, _, extra_values in rows:
         table.add_row(stage, *(str(counts.get(s, 0)) for s in states), *extra_values)
-    console.print(table)
+    # Never narrower than the table: rich squeezes a table into the terminal's width, and in a narrow (or
+    # mis-reported) one the cells collapse to nothing, leaving a header over empty rows. Too wide wraps, never hides.
+    natural = Console(width=10_000).measure(table).maximum
+    Console(width=max(Console().width, natural)).print(table)
     for stage, _, reasons, _ in rows:
         for reason, n in reasons.items():
-            console.print(f"  {stage:<10} {reason:<40} {n}")
+            typer.echo(f"  {stage:<10} {reason:<40} {n}")
 
 
 def _print_summary(summary) -> None:  # noqa: ANN001 - IngestSummary, imported lazily
@@ -234,12 +236,14 @@ RayOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluste
 def _run_flow(which: str, root: str | None, source: list[str] | None, config: Path | None, recipe: str | None,
               ray_address: str | None) -> dict:
     """Run a flow (Prefect's ephemeral API unless PREFECT_API_URL names a server) and print what it did."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flux3d.flows.data import data_flow
-    from flux3d.flows.pipeline import pipeline_flow
+    from flux3d.flows.prefect_api import prepare_local_database
 
     _setup_logging(False)
     cfg = _config(config, root)  # validates the config before anything starts
+    prepare_local_database(typer.echo)  # a new Prefect home: migrate here, not inside the server's start-up wait
+    from flux3d.flows.data import data_flow
+    from flux3d.flows.pipeline import pipeline_flow
+
     fn = {"data": data_flow, "pipeline": pipeline_flow}[which]
     state = fn(root=cfg.storage.root, sources=list(source or []), config=str(config) if config else None,
                recipe=recipe, ray_address=ray_address, return_state=True)
@@ -284,15 +288,17 @@ def pipeline(source: SourceOpt = None, root: RootOpt = None, config: ConfigOpt =
 @app.command()
 def dashboard(host: str = "127.0.0.1", port: int = 4200) -> None:
     """Start the Prefect server and UI (every flow run of this machine, with its artifacts) until Ctrl-C."""
-    from flux3d.flows.deploy import start_server
+    from flux3d.flows.prefect_api import start_server, stop_server
 
+    typer.echo(f"starting the Prefect server on {host}:{port} (a new Prefect home first creates its database: "
+               "~20 s on 2 cores)")
     proc, api = start_server(host, port)
     typer.echo(f"Prefect UI: http://{host}:{port}  (API {api}; export PREFECT_API_URL={api} to run flows "
                "against it)")
     try:
         proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
+        stop_server(proc)
 
 
 @app.command()
@@ -303,7 +309,9 @@ def deploy(source: SourceOpt = None, root: RootOpt = None, config: ConfigOpt = N
     """Register the data, pipeline and retrain (cron) deployments with the Prefect server in PREFECT_API_URL and
     serve them from this process until Ctrl-C."""
     from flux3d.flows.deploy import serve
+    from flux3d.flows.prefect_api import prefect_env_defaults
 
+    prefect_env_defaults()
     if not os.environ.get("PREFECT_API_URL"):
         raise typer.BadParameter("set PREFECT_API_URL to a Prefect server (e.g. one `flux3d dashboard` started)")
     cfg = _config(config, root, **{"flow.retrain_cron": cron})

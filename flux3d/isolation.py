@@ -10,10 +10,12 @@ process-group leader; on timeout the parent kills the whole group, so nothing a 
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import resource
 import signal
+import subprocess
 import tempfile
 import time
 import traceback
@@ -120,3 +122,22 @@ def run_isolated(fn: Callable, *args: Any, timeout_s: float, memory_mb: int | No
 def _join(message: str, stderr_tail: str) -> str:
     tail = stderr_tail.strip()
     return f"{message}\n--- stderr ---\n{tail}" if tail else message
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """End a child started with `start_new_session=True` and everything in its process group (servers, Ray nodes
+    and their workers), and nothing else: SIGTERM, then SIGKILL for what is left after `grace_s`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:  # members other than the leader may take longer to go
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -20,6 +20,7 @@ import pytest
 
 from flux3d.catalog import Catalog
 from flux3d.demo import make_demo_assets, write_demo_config
+from flux3d.isolation import stop_process_group
 from flux3d.storage import TMP_MARK, Storage
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets"
@@ -59,6 +60,16 @@ def tree_digest(root: Path, *folders: str) -> dict[str, str]:
     return out
 
 
+def summary_rows(out: str) -> dict[str, list[str]]:
+    """The body rows of the command's `this run` table: stage -> its cells (ok, skipped, rejected, failed, ...)."""
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if cells and cells[0] in STAGES:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """Procedural assets and the tiny models, shared by the runs below (same paths: same dataset version)."""
@@ -91,8 +102,7 @@ def test_sigkill_mid_stage_then_rerun_matches_an_uninterrupted_run(tmp_path, env
     out = cli(env, "data", "--root", str(root), "--source", source, "--config", config).stdout
     assert "dataset version" in out
     once_per_key(str(root))
-    render_line = next(line for line in out.splitlines() if line.startswith("│ render"))
-    assert render_line.split("│")[1:-1][-2].strip() == str(3 - rendered_before)  # only what was left
+    assert summary_rows(out)["render"][-2] == str(3 - rendered_before)  # processed: only what was left
 
     # The same flow, uninterrupted, in another root: the same bytes. (Not the plain stage commands: their encoder
     # runs with every core, a Ray worker with its one CPU, and float sums in another order round differently.)
@@ -135,8 +145,19 @@ def test_pipeline_trains_evaluates_and_a_rerun_redoes_nothing(tmp_path, env, dem
     report; a second run changes no file; the retrain flow's gate promotes the first model and records why."""
     config = write_demo_config(str(tmp_path / "run.toml"), str(demo / "models"))
     root = tmp_path / "root"
+    assert not Path(env["PREFECT_HOME"]).exists()  # a brand-new Prefect home: its database is created on this run
+    env = {**env, "COLUMNS": "40"}  # a narrow terminal must not squeeze the counts out of the summary table
     out = cli(env, "pipeline", "--root", str(root), "--source", f"local:{demo / 'assets'}", "--config", config,
               timeout=1200).stdout
+    assert "preparing Prefect's database" in out
+    rows = summary_rows(out)
+    assert list(rows) == list(STAGES)
+    # The demo assets: 7 listed; inspect passes 3 (two textured, one STL), rejects the untextured cone and fails
+    # the truncated, empty and not-a-mesh files; everything after inspect gets the 3.
+    assert rows["download"][:5] == ["7", "0", "0", "0", "7"]
+    assert rows["inspect"][:5] == ["3", "0", "1", "3", "7"]
+    for stage in STAGES[2:]:
+        assert rows[stage][:5] == ["3", "0", "0", "0", "3"], (stage, rows[stage])
     version = (root / "shards" / "LATEST").read_text()
     models = root / "models" / version
     for kind in ("decoder", "smdit"):
@@ -146,8 +167,11 @@ def test_pipeline_trains_evaluates_and_a_rerun_redoes_nothing(tmp_path, env, dem
     assert report["count"] == 3 and {"recon_psnr", "gen_psnr", "gen_clip", "mv_psnr_mean"} <= set(report["summary"])
     assert f"report {models}/eval/report.md" in out
     before = tree_digest(root, "models", "shards")
-    cli(env, "pipeline", "--root", str(root), "--source", f"local:{demo / 'assets'}", "--config", config)
+    out = cli(env, "pipeline", "--root", str(root), "--source", f"local:{demo / 'assets'}", "--config", config).stdout
     assert tree_digest(root, "models", "shards") == before  # trained and evaluated already: nothing redone
+    assert "preparing Prefect's database" not in out  # once per Prefect home
+    rows = summary_rows(out)
+    assert list(rows) == list(STAGES) and all(r[:5] == ["0"] * 5 for r in rows.values()), rows  # nothing to do
 
     code = ("from flux3d.flows.pipeline import retrain_flow; import sys; "
             "retrain_flow(root=sys.argv[1], sources=[], config=sys.argv[2])")
@@ -165,19 +189,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_ray_cluster(env: dict, port: int, temp_dir: str) -> subprocess.Popen:
+    """`ray start --head --block` as the leader of a new process group: the GCS, raylet and every worker it forks
+    share that group, so the test can end exactly this cluster. Returns once the cluster answers."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    proc = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while subprocess.run([ray_bin, "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True,
+                         timeout=60, check=False).returncode != 0:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_process_group(proc)
+            raise RuntimeError(f"ray start --head on port {port} did not come up")
+        time.sleep(1)
+    return proc
+
+
 def test_deployment_with_cron_runs_on_a_ray_cluster_joined_by_address(tmp_path, env, demo):
     """`flux3d dashboard`'s server, `flux3d deploy` serving the deployments, and a data run triggered through
     the API, executed against a Ray cluster started with `ray start` (the cluster path: address mode)."""
-    from flux3d.flows.deploy import start_server
+    from flux3d.flows.prefect_api import start_server, stop_server
 
     config = write_demo_config(str(tmp_path / "run.toml"), str(demo / "models"))
     root = str(tmp_path / "root")
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
     ray_port = _free_port()
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    subprocess.run([ray_bin, "start", "--head", f"--port={ray_port}", "--num-cpus=2", "--include-dashboard=false",
-                    f"--temp-dir={ray_tmp}", "--disable-usage-stats"], env=env, check=True, capture_output=True,
-                   timeout=120)
+    cluster = start_ray_cluster(env, ray_port, ray_tmp)
     os.environ["PREFECT_HOME"] = env["PREFECT_HOME"]
     server, api = start_server(port=_free_port())
     env = {**env, "PREFECT_API_URL": api}
@@ -224,7 +262,6 @@ def test_deployment_with_cron_runs_on_a_ray_cluster_joined_by_address(tmp_path, 
     finally:
         os.killpg(serving.pid, signal.SIGTERM)
         serving.wait(timeout=60)
-        server.terminate()
-        server.wait(timeout=60)
-        subprocess.run([ray_bin, "stop", "--force"], check=False, env=env, capture_output=True, timeout=120)
+        stop_server(server)
+        stop_process_group(cluster)  # this cluster only: never `ray stop`, which ends every Ray of the machine
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -7,13 +7,7 @@ cluster the same deployments come from `infra/prefect/prefect.yaml` into a Kuber
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from typing import Any
-
-import httpx
 
 DEPLOYMENTS = ("data", "pipeline", "retrain")
 
@@ -44,22 +38,3 @@ def serve(root: str, sources: list[str], config: str | None, recipe: str | None,
 
     prefect_serve(*deployments(root, sources, config, recipe, ray_address, cron, timezone))
 
-
-def start_server(host: str = "127.0.0.1", port: int = 4200, wait_s: float = 60.0) -> tuple[subprocess.Popen, str]:
-    """`prefect server start` in a child process; returns it and the API URL once the server answers."""
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    api = f"http://{host}:{port}/api"
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{api}/health", timeout=1.0).status_code == 200:
-                return proc, api
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"prefect server did not answer on {api} within {wait_s:.0f} s")
