@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
 import torch
 
 from flux3d.training.gaussians import (
+    PLY_FRAME_COMMENT,
     PLY_PROPERTIES,
     RAW_CHANNELS,
     SH_C0,
@@ -120,6 +123,24 @@ def _random_gaussians(n: int) -> Gaussians:
         opacities=torch.rand(n, generator=gen) * 0.98 + 0.01, sh0=torch.randn(n, 3, generator=gen))
 
 
+def _covariances(q_N4: np.ndarray, s_N3: np.ndarray) -> np.ndarray:
+    """R diag(s^2) R^T from wxyz quaternions, by the textbook formula (independent of the code under test)."""
+    w, x, y, z = (q_N4 / np.linalg.norm(q_N4, axis=-1, keepdims=True)).T
+    R = np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+                  2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+                  2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1).reshape(-1, 3, 3)
+    return R @ (s_N3[:, :, None] ** 2 * R.transpose(0, 2, 1))
+
+
+def test_ply_is_written_with_the_users_umask(tmp_path) -> None:
+    old = os.umask(0o022)
+    try:
+        save_ply(_random_gaussians(3), tmp_path / "shared.ply")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "shared.ply").stat().st_mode) == 0o644
+
+
 def test_ply_round_trip_and_viewer_layout(tmp_path) -> None:
     g = _random_gaussians(100)
     path = tmp_path / "scene.ply"
@@ -131,15 +152,23 @@ def test_ply_round_trip_and_viewer_layout(tmp_path) -> None:
     # Read the file the way a 3DGS viewer does: the header lines, then float32 records, pre-activation values.
     data = path.read_bytes()
     header, body = data.split(b"end_header\n", 1)
-    assert header.decode().splitlines() == ["ply", "format binary_little_endian 1.0", "element vertex 100",
-                                            *(f"property float {p}" for p in PLY_PROPERTIES)]
+    assert header.decode().splitlines() == ["ply", "format binary_little_endian 1.0", PLY_FRAME_COMMENT,
+                                            "element vertex 100", *(f"property float {p}" for p in PLY_PROPERTIES)]
     assert PLY_PROPERTIES[6:10] == ("f_dc_0", "f_dc_1", "f_dc_2", "opacity") and PLY_PROPERTIES[-4:] == (
         "rot_0", "rot_1", "rot_2", "rot_3")
     rec = np.frombuffer(body, dtype=np.dtype([(p, "<f4") for p in PLY_PROPERTIES]))
     p = g.opacities.double().numpy()
     np.testing.assert_allclose(rec["opacity"], np.log(p / (1 - p)), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(rec["scale_1"], np.log(g.scales[:, 1].numpy()), rtol=1e-5)
-    np.testing.assert_allclose(rec["rot_0"], g.quats[:, 0].numpy(), rtol=1e-6)  # w first
+    # The 3DGS frame (y down), as INRIA and TRELLIS write it: positions (x, y, z) -> (x, -z, y), and each Gaussian's
+    # covariance turned the same way (Sigma_file = T Sigma T^T), read through the file's own wxyz quaternion.
+    T = np.array([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]])
+    means = g.means.double().numpy()
+    np.testing.assert_allclose(np.stack([rec["x"], rec["y"], rec["z"]], -1), means @ T.T, atol=1e-6)
+    q_file = np.stack([rec[f"rot_{i}"] for i in range(4)], -1).astype(np.float64)
+    scales = g.scales.double().numpy()
+    cov_world = _covariances(g.quats.double().numpy(), scales)
+    np.testing.assert_allclose(_covariances(q_file, scales), T @ cov_world @ T.T, atol=1e-6)
     np.testing.assert_allclose(np.maximum(0.5 + SH_C0 * rec["f_dc_2"], 0), g.colors[:, 2].numpy(), atol=1e-6)
     assert not rec["nx"].any()
     assert sorted(q.name for q in tmp_path.iterdir()) == ["scene.ply"]  # no temporary file left

@@ -4,6 +4,8 @@ exact resume, checkpoint retention and completeness, config round trips, bad inp
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +123,7 @@ def test_generate_writes_gaussians_on_the_given_layout(demo_ds, tmp_path):
 
     from PIL import Image
 
-    from flux3d.training.gaussians import load_ply
+    from flux3d.training.gaussians import PLY_PROPERTIES, load_ply
 
     for kind in ("decoder", "smdit"):
         fit(_cfg(kind, demo_ds, tmp_path / kind, **{"run.steps": 2, "run.ckpt_every": 2}), local=True)
@@ -131,8 +133,13 @@ def test_generate_writes_gaussians_on_the_given_layout(demo_ds, tmp_path):
     args = [sys.executable, "-m", "flux3d.cli", "generate", "--image", str(image), "--layout", str(layout),
             "--smdit", str(tmp_path / "smdit"), "--decoder", str(tmp_path / "decoder"), "--out",
             str(tmp_path / "asset.ply"), "--turntable", str(tmp_path / "turntable.png"), "--steps", "4"]
-    p = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    old_umask = os.umask(0o022)  # the child inherits it: outputs must honour it (0644), not a temp file's 0600
+    try:
+        p = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    finally:
+        os.umask(old_umask)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert stat.S_IMODE((tmp_path / "asset.ply").stat().st_mode) == 0o644
     coords = np.load(layout)
     g = load_ply(tmp_path / "asset.ply")
     K = recipe("decoder", "debug").decoder.gaussians.per_voxel
@@ -141,6 +148,14 @@ def test_generate_writes_gaussians_on_the_given_layout(demo_ds, tmp_path):
     centres = (torch.from_numpy(coords).float() + 0.5) / grid - 0.5
     offset = (g.means.view(len(coords), K, 3) - centres[:, None]) * grid  # in voxels
     assert offset.abs().max() <= 0.75 + 1e-4
+    # The file itself is in the 3DGS (y-down) frame viewers expect: its positions are those voxel centres under
+    # (x, y, z) -> (x, -z, y); load_ply above turned them back.
+    header, body = (tmp_path / "asset.ply").read_bytes().split(b"end_header\n", 1)
+    raw = np.frombuffer(body, dtype=np.dtype([(n, "<f4") for n in PLY_PROPERTIES]))
+    file_xyz = torch.from_numpy(np.stack([raw["x"], raw["y"], raw["z"]], -1).astype(np.float32))
+    in_file_frame = torch.stack([centres[:, 0], -centres[:, 2], centres[:, 1]], -1)
+    assert ((file_xyz.view(len(coords), K, 3) - in_file_frame[:, None]) * grid).abs().max() <= 0.75 + 1e-4
+    assert b"comment frame: 3DGS/COLMAP y-down" in header
     assert Image.open(tmp_path / "turntable.png").size == (8 * 256, 256)
     swapped = [str(tmp_path / "decoder") if a == str(tmp_path / "smdit") else a for a in args]  # --smdit: a decoder
     bad = subprocess.run(swapped, capture_output=True, text=True, timeout=300, check=False)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,42 +172,58 @@ def gaussians_from_raw(raw_MKC: torch.Tensor, coords_M3: torch.Tensor, cfg: Gaus
                      opacities=opacities.reshape(-1), sh0=sh0.reshape(-1, 3))
 
 
+# The .ply frame. Our world is Blender's: z up, the renders' cameras orbit it. 3DGS files live in the INRIA/COLMAP
+# frame (y down), which every 3DGS viewer assumes (SuperSplat shows a z-up file lying on its side) and TRELLIS's
+# save_ply converts to: file = R @ world with R the +90 degree turn about x, (x, y, z) -> (x, -z, y); a Gaussian's
+# rotation turns with it (q_file = q_R * q), its scales are in its own frame and do not change.
+PLY_FRAME_COMMENT = "comment frame: 3DGS/COLMAP y-down; flux3d world (x, y, z) = file (x, z, -y)"
+_Q_TO_FILE = torch.tensor([math.sqrt(0.5), math.sqrt(0.5), 0.0, 0.0], dtype=torch.float64)
+"""wxyz unit quaternion of the +90 degree turn about x that takes world coordinates into the file's frame."""
+
+
+def _quat_mul(a_N4: torch.Tensor, b_N4: torch.Tensor) -> torch.Tensor:
+    """Hamilton product of wxyz quaternions (the rotation b, then a)."""
+    aw, ax, ay, az = a_N4.unbind(-1)
+    bw, bx, by, bz = b_N4.unbind(-1)
+    return torch.stack([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
+                        aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw], dim=-1)
+
+
 def save_ply(g: Gaussians, path_or_file: str | os.PathLike | IO[bytes]) -> None:
     """Write the original 3DGS binary little-endian `.ply` (SuperSplat, antimatter15 and the 3DGS viewers read it).
 
     Values are stored pre-activation, as those viewers expect: opacity as a logit, scale as a log, the unit
-    quaternion wxyz, f_dc = sh0, zero normals. The stored log-scale is that of the *filtered* scale (the 3D filter
-    of `gaussians_from_raw` already applied), so a viewer shows what our rasterizer renders. A path is written
-    atomically: to a temporary file in the same folder, then renamed over the target.
+    quaternion wxyz, f_dc = sh0, zero normals, positions and rotations in the 3DGS frame (`PLY_FRAME_COMMENT`). The
+    stored log-scale is that of the *filtered* scale (the 3D filter of `gaussians_from_raw` already applied), so a
+    viewer shows what our rasterizer renders. A path (local or any fsspec URL) is written atomically, with the
+    user's umask like every other output: to a temporary sibling, then renamed over the target.
     """
     vertices = np.empty(len(g), dtype=_PLY_DTYPE)
     d = g.detach().to("cpu", torch.float64)
-    columns = {"x": d.means[:, 0], "y": d.means[:, 1], "z": d.means[:, 2], "opacity": torch.logit(d.opacities)}
+    x, y, z = d.means.unbind(-1)
+    quats = _quat_mul(_Q_TO_FILE.expand_as(d.quats), d.quats)
+    columns = {"x": x, "y": -z, "z": y, "opacity": torch.logit(d.opacities)}
     columns |= {f"f_dc_{i}": d.sh0[:, i] for i in range(3)}
     columns |= {f"scale_{i}": d.scales[:, i].log() for i in range(3)}
-    columns |= {f"rot_{i}": d.quats[:, i] for i in range(4)}
+    columns |= {f"rot_{i}": quats[:, i] for i in range(4)}
     for name in PLY_PROPERTIES:
         vertices[name] = columns[name].numpy() if name in columns else 0.0
-    header = "\n".join(["ply", "format binary_little_endian 1.0", f"element vertex {len(g)}",
+    header = "\n".join(["ply", "format binary_little_endian 1.0", PLY_FRAME_COMMENT, f"element vertex {len(g)}",
                         *(f"property float {name}" for name in PLY_PROPERTIES), "end_header"]) + "\n"
     data = header.encode("ascii") + vertices.tobytes()
     if not isinstance(path_or_file, (str, os.PathLike)):
         path_or_file.write(data)
         return
-    target = Path(path_or_file)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from flux3d.storage import Storage
+
+    parent, name = posixpath.split(os.fspath(path_or_file))
+    Storage(parent or ".").write_bytes(name, data)
 
 
 def load_ply(path_or_file: str | os.PathLike | IO[bytes]) -> Gaussians:
     """Read a file `save_ply` wrote (or any 3DGS `.ply` of SH degree 0 with exactly these 17 float properties, in
-    any order) back to activated float32 Gaussians. Raises ValueError on any other header or a size mismatch."""
+    any order, in the 3DGS frame) back to activated float32 Gaussians in flux3d's world frame. Raises ValueError on
+    any other header or a size mismatch."""
     if isinstance(path_or_file, (str, os.PathLike)):
         data = Path(path_or_file).read_bytes()
     else:
@@ -244,6 +260,10 @@ def load_ply(path_or_file: str | os.PathLike | IO[bytes]) -> Gaussians:
     def stack(*cols: str) -> torch.Tensor:
         return torch.from_numpy(np.stack([v[c] for c in cols], axis=-1).astype(np.float32))
 
-    return Gaussians(means=stack("x", "y", "z"), quats=F.normalize(stack("rot_0", "rot_1", "rot_2", "rot_3"), dim=-1),
+    fx, fy, fz = stack("x", "y", "z").unbind(-1)
+    q_file = F.normalize(stack("rot_0", "rot_1", "rot_2", "rot_3").double(), dim=-1)
+    q_back = _Q_TO_FILE * _Q_TO_FILE.new_tensor([1.0, -1.0, -1.0, -1.0])  # the inverse turn
+    quats = _quat_mul(q_back.expand_as(q_file), q_file).float()
+    return Gaussians(means=torch.stack([fx, fz, -fy], dim=-1), quats=quats,
                      scales=stack("scale_0", "scale_1", "scale_2").exp(),
                      opacities=torch.sigmoid(stack("opacity")[:, 0]), sh0=stack("f_dc_0", "f_dc_1", "f_dc_2"))
