@@ -12,6 +12,7 @@ real weights, only the scores and latents mean nothing.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -109,7 +110,12 @@ def make_demo_models(folder: str) -> dict[str, dict[str, object]]:
     open_clip.add_model_config(clip_cfg)
     torch.manual_seed(0)
     if not os.path.exists(clip_ckpt):
-        torch.save(open_clip.create_model("demo_clip", pretrained=None).state_dict(), clip_ckpt)
+        logging.disable(logging.WARNING)  # open_clip warns that a model built to be random "initialized randomly"
+        try:
+            clip = open_clip.create_model("demo_clip", pretrained=None)
+        finally:
+            logging.disable(logging.NOTSET)
+        torch.save(clip.state_dict(), clip_ckpt)
     if not os.path.exists(head):
         torch.save(head_module().state_dict(), head)
     if not os.path.exists(os.path.join(vae, "vae", "config.json")):

@@ -54,6 +54,9 @@ class Evaluator:
         torch.manual_seed(cfg.seed)
         self.lpips = load_lpips_vgg(cfg.lpips_backbone or None, allow_random=random_ok, device=device)
         self.generate = "generation" in cfg.protocols and models.smdit is not None
+        nets = {"LPIPS-VGG": cfg.lpips_backbone} | ({"CLIP": cfg.clip_weights, "Inception-v3": cfg.inception_weights,
+                                                     "DINOv2": cfg.dinov2_weights} if self.generate else {})
+        self.random_networks = [name for name, weights in nets.items() if not weights]
         if "generation" in cfg.protocols and models.smdit is None:
             log.warning("no SMDiT given: the generation protocol is skipped")
         if self.generate:
@@ -125,22 +128,27 @@ class Evaluator:
             res.rows["mv_views"] = float(len(idx))
         return res
 
-    def distances(self) -> dict[str, float]:
-        """FD and KD (raw; the paper's KD(%) is x100) per feature network, generated vs ground-truth views."""
-        from flux3d.evaluation.metrics import frechet_distance, kernel_distance
+    def distances(self) -> tuple[dict[str, float], list[str]]:
+        """FD and KD (raw; the paper's KD(%) is x100) per feature network, generated vs ground-truth views, and the
+        caveats the report states about them (too few samples for the feature width)."""
+        from flux3d.evaluation.metrics import fd_caveat, frechet_distance, kernel_distance
 
         out: dict[str, float] = {}
+        caveats = [f"Random-weight networks (allow_random_extractors): {', '.join(self.random_networks)}; the metrics "
+                   "that use them check the plumbing and measure nothing."] if self.random_networks else []
         if not self.generate:
-            return out
+            return out, caveats
         for name in ("inception", "dinov2"):
             gen, gt = self.stats[(name, "gen")], self.stats[(name, "gt")]
             if gen.num_samples < 2:
                 continue
+            caveat = fd_caveat(min(gen.num_samples, gt.num_samples), gen.features.shape[1], name)
+            caveats += [caveat] if caveat else []
             out[f"fd_{name}"] = frechet_distance(gen, gt)
             kd = kernel_distance(gen, gt, subsets=self.cfg.kd_subsets,
                                  subset_size=min(self.cfg.kd_subset_size, gen.num_samples), seed=self.cfg.seed)
             out[f"kd_{name}"] = kd.mean
-        return out
+        return out, caveats
 
 
 def run(cfg: EvalConfig, models: Models, device: torch.device) -> dict[str, Any]:
@@ -155,8 +163,10 @@ def run(cfg: EvalConfig, models: Models, device: torch.device) -> dict[str, Any]
     seconds = time.perf_counter() - t0
     names = sorted({k for r in results for k in r.rows})
     summary = {k: float(np.mean([r.rows[k] for r in results if k in r.rows])) for k in names}
-    summary |= ev.distances()
-    return {"summary": summary, "assets": [{"key": r.key, **r.rows} for r in results], "grids": results,
+    distances, caveats = ev.distances()
+    summary |= distances
+    return {"summary": summary, "caveats": caveats, "assets": [{"key": r.key, **r.rows} for r in results],
+            "grids": results,
             "shards": shards, "seconds_per_asset": seconds / max(len(results), 1), "count": len(results)}
 
 

@@ -97,7 +97,8 @@ def _require(weights: str | None, allow_random: bool, what: str) -> None:
         raise ValueError(f"{what} needs a local weights file; pass allow_random=True for a random network "
                          f"(tests and the demo only: its features measure nothing)")
     if weights is None:
-        logger.warning("%s with RANDOM weights (allow_random): metric values are meaningless", what)
+        # Asked for explicitly (tests, the demo); the evaluation report states it where the numbers are read.
+        logger.info("%s with RANDOM weights (allow_random): metric values are meaningless", what)
 
 
 def inception_v3(weights: str | None, *, allow_random: bool = False) -> FeatureExtractor:

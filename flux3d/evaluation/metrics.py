@@ -36,6 +36,8 @@ sets, F feature width, S subsets.
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,6 +163,17 @@ def _pair(a: FeatureStats | Tensor, b: FeatureStats | Tensor, what: str) -> tupl
     return x_NF, y_MF
 
 
+def fd_caveat(num_samples: int, num_features: int, name: str) -> str | None:
+    """Why FD/KD over this many samples is not comparable, or None. FD estimates two F x F covariances: with no more
+    samples than features they are rank-deficient, and the value depends on the sample count more than on the
+    models (the paper's numbers come from thousands of views)."""
+    if num_samples > num_features:
+        return None
+    return (f"FD/KD {name}: {num_samples} samples of {num_features}-dimensional features; the covariances are "
+            f"rank-deficient (more than {num_features} samples are needed), so these values compare only with "
+            "runs over the same number of samples.")
+
+
 def frechet_distance(a: FeatureStats | Tensor, b: FeatureStats | Tensor) -> float:
     """FD = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) in float64 (unbiased covariances)."""
     import scipy.linalg
@@ -168,7 +181,12 @@ def frechet_distance(a: FeatureStats | Tensor, b: FeatureStats | Tensor) -> floa
     x_NF, y_MF = (t.numpy() for t in _pair(a, b, "frechet_distance"))
     mu_x, mu_y = x_NF.mean(0), y_MF.mean(0)
     cov_x, cov_y = np.atleast_2d(np.cov(x_NF, rowvar=False)), np.atleast_2d(np.cov(y_MF, rowvar=False))
-    covmean = scipy.linalg.sqrtm(cov_x @ cov_y)
+    with warnings.catch_warnings():
+        # Fewer samples than features make the product singular; sqrtm then warns on every call. That is a
+        # property of the sample count, which the evaluation report states (`fd_caveat`); a non-finite root is
+        # still refused below.
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(cov_x @ cov_y)
     if not np.isfinite(covmean).all():
         raise ValueError("frechet_distance: the covariance product has no finite square root (far fewer samples "
                          "than feature dimensions?)")

@@ -130,13 +130,14 @@ def write_report(out: str, result: dict[str, Any], info: dict[str, Any],
     doc = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info, "summary": summary,
            "metrics": gate_metrics(summary), "assets": result["assets"], "count": result["count"],
            "shards": result["shards"], "seconds_per_asset": result["seconds_per_asset"],
+           "caveats": result.get("caveats", []),
            "previous": previous and {"time": previous.get("time"), "summary": previous.get("summary")}}
     title = f"FLUX3D evaluation: {result['count']} assets"
     notes = [f"Models: decoder {info.get('decoder_run')} (step {info.get('decoder_step')}), SMDiT "
              f"{info.get('smdit_run') or '-'} (step {info.get('smdit_step', '-')}). Assets: {result['shards']}.",
              "Published rows are the paper's Toys4k numbers with its full-size models; the last row is this run, on "
              "these assets, for orientation. KD is x100 as in the paper; FD/KD use torchvision's Inception-v3, so "
-             "they compare across runs of this code, not with published FIDs."]
+             "they compare across runs of this code, not with published FIDs.", *result.get("caveats", [])]
     tabs = tables(summary, "this run", previous and previous.get("summary"))
     storage.write_bytes("report.json", json.dumps(doc, indent=2, sort_keys=True, default=float).encode())
     storage.write_bytes("report.md", markdown(title, notes, tabs).encode())

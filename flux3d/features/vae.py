@@ -51,7 +51,9 @@ def load_flux_vae(location: str = FLUX_HUB_ID, subfolder: str | None = "vae") ->
     """The FLUX.1 AutoencoderKL from a local diffusers folder or a hub id (downloads only when online)."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(location, subfolder=subfolder).eval()
+    # low_cpu_mem_usage needs `accelerate`, which flux3d does not depend on (an 84 M-parameter VAE loads fine
+    # without it); saying so spares every load diffusers' notice to install it.
+    return AutoencoderKL.from_pretrained(location, subfolder=subfolder, low_cpu_mem_usage=False).eval()
 
 
 @dataclass

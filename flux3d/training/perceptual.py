@@ -126,7 +126,8 @@ def load_lpips_vgg(backbone: str | None, *, device: torch.device | str | None = 
     # non-strict load would silently skip them. Dropout itself is inert because the module never leaves eval mode.
     lpips = LpipsVgg(_LPIPS(pretrained=True, net="vgg", pnet_rand=True, use_dropout=True))
     if backbone is None:
-        logger.warning("LPIPS-VGG with a RANDOM backbone (allow_random): values are not comparable to LPIPS")
+        # Asked for explicitly (allow_random: tests, the demo); recorded in the run's config and evaluation report.
+        logger.info("LPIPS-VGG with a RANDOM backbone (allow_random): values are not comparable to LPIPS")
     else:
         state = _vgg_feature_state(read_state_dict(backbone, "LPIPS VGG-16 backbone"), backbone)
         load_exact(lpips.vgg_features(), state, f"LPIPS VGG-16 backbone {backbone}")
