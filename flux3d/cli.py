@@ -62,7 +62,7 @@ def _print_summary(summary) -> None:  # noqa: ANN001 - IngestSummary, imported l
 
 @app.command()
 def ingest(
-    source: Annotated[list[str], typer.Option("--source", help="local:DIR | manifest:FILE | objaverse:[opts] | "
+    source: Annotated[list[str], typer.Option("--source", help="local:DIR | manifest:FILE | trellis:FILE | objaverse:[opts] | "
                                                               "objaverse-xl:[opts]; repeatable.")],
     root: RootOpt = None,
     config: ConfigOpt = None,

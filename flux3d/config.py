@@ -25,6 +25,7 @@ from typing import Any
 
 from flux3d.config_features import BACKGROUNDS, EncodeConfig, ShardConfig, VoxelizeConfig
 from flux3d.config_flow import FlowConfig
+from flux3d.config_sources import SourcesConfig
 from flux3d.config_train import EvaluateSection, TrainSection
 
 
@@ -98,18 +99,6 @@ class InspectConfig:
     """Formats that cannot carry textures: `reject_untextured` does not apply (render + curation decide)."""
     max_faces: int = 20_000_000
     """Assets with more faces are rejected (`rejected:too_many_faces`); they would stall rendering."""
-
-
-@dataclass(kw_only=True, slots=True)
-class SourcesConfig:
-    objaverse_dir: str = "~/.objaverse"
-    """Cache folder of the `objaverse` package (annotations, object paths, downloaded glbs)."""
-    objaverse_xl_dir: str = "~/.objaverse"
-    """Download folder for `objaverse.xl` annotations."""
-    objaverse_base_url: str = "https://huggingface.co/datasets/allenai/objaverse/resolve/main"
-    """Where Objaverse 1.0 glbs live (the path after it comes from object-paths.json.gz)."""
-    github_archive_url: str = "https://codeload.github.com/{org}/{repo}/tar.gz/{commit}"
-    """Template of a GitHub repository archive at a commit (Objaverse-XL github objects)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -222,7 +211,8 @@ class CurateConfig:
     aesthetic_threshold: float = 4.5
     """Minimum mean aesthetic score for sources not listed in `aesthetic_thresholds` (TRELLIS: 4.5)."""
     aesthetic_thresholds: dict[str, float] = field(
-        default_factory=lambda: {"objaverse": 5.5, "objaverse-xl": 5.5})
+        default_factory=lambda: {"objaverse": 5.5, "objaverse-xl": 5.5, "trellis:ObjaverseXL_sketchfab": 5.5,
+                                 "trellis:ObjaverseXL_github": 5.5})
     """Per-source minimum, matched on the source name, then on its prefix before ':' (TRELLIS: 5.5 for all of
     Objaverse-XL, whose Sketchfab part is Objaverse 1.0)."""
     texture_rule: str = "auto"
