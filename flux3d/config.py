@@ -215,6 +215,11 @@ class CurateConfig:
                                  "trellis:ObjaverseXL_github": 5.5})
     """Per-source minimum, matched on the source name, then on its prefix before ':' (TRELLIS: 5.5 for all of
     Objaverse-XL, whose Sketchfab part is Objaverse 1.0)."""
+    aesthetic_source: str = "scorer"
+    """Which aesthetic score decides: `scorer` (ours, the mean over the curation views) or `published` (the score
+    the source's list carries, e.g. TRELLIS-500K's aesthetic_score: its own selection, reproduced exactly); under
+    `published` an asset whose list has no score is `failed:no_published_score`. Our score is computed either way
+    and the curation report compares the two where both exist."""
     texture_rule: str = "auto"
     """How the two texture checks combine: heuristic_or_vlm (either rejects), heuristic_and_vlm (the VLM must confirm
     a heuristic flag), vlm (the heuristic is recorded only), heuristic (no VLM calls); auto = heuristic_or_vlm when
@@ -227,6 +232,8 @@ class CurateConfig:
             raise ValueError(f"curate.background must be one of {BACKGROUNDS}, got {self.background!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"curate.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.aesthetic_source not in ("scorer", "published"):
+            raise ValueError(f"curate.aesthetic_source must be scorer or published, got {self.aesthetic_source!r}")
         if self.texture_rule not in ("auto", "heuristic_or_vlm", "heuristic_and_vlm", "vlm", "heuristic"):
             raise ValueError(f"curate.texture_rule: unknown rule {self.texture_rule!r}")
         if self.batch_size < 1 or not 0 <= self.magenta_max <= 1 or not 0 <= self.flat_max <= 1:
