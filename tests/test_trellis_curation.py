@@ -18,6 +18,8 @@ from flux3d.curate_run import SCORE_COLUMNS, curate_params, curation_table, run_
 from flux3d.curation.report import write_report
 from flux3d.ingest import list_sources
 from flux3d.records import OK, StageResult
+from flux3d.reproduction import reproduction_report
+from flux3d.stages.download import DOWNLOAD_COLUMNS
 from flux3d.stages.inspect import INSPECT_COLUMNS
 from flux3d.stages.render import RENDER_COLUMNS
 from flux3d.storage import Storage
@@ -52,8 +54,12 @@ def _write_lists(tmp_path) -> tuple[list[str], dict]:
 
 
 def _measured(catalog: Catalog, storage: Storage, cfg, ours: dict[str, float]) -> None:
-    """What inspect, render and score record for textured assets: ok, curation views on disk, our mean score."""
+    """What download, inspect, render and score record for textured assets: ok, curation views on disk, our mean
+    score."""
     shas = list(ours)
+    ids = catalog.assets(["sha256"]).to_pylist()
+    catalog.write_results("download", "p", [StageResult(r["asset_id"], OK, columns={
+        "sha256": r["sha256"], "source_outcome": "found"}) for r in ids], DOWNLOAD_COLUMNS)
     catalog.write_results("inspect", "p", [StageResult(s, OK, columns={"missing_textures": False}) for s in shas],
                           INSPECT_COLUMNS)
     folder = f"curation{cfg.render.curation_views}"
@@ -93,6 +99,9 @@ def test_published_scores_reproduce_the_lists_threshold_decisions(tmp_path):
         assert ours_kept == trellis_kept and len(trellis_kept) == kept
         for fid in set(scored["file_identifier"]) - trellis_kept:
             assert (rows[fid]["curate_state"], rows[fid]["curate_reason"]) == ("rejected", "low_aesthetic")
+    lists = reproduction_report(catalog)["lists"]
+    assert {n: (r["listed"], r["rendered"], r["kept"]) for n, r in lists.items()} == {
+        "ObjaverseXL_sketchfab": (7, 7, 4), "ABO": (5, 5, 3)}
     unscored = rows[f"https://sketchfab.com/3d-models/m-{6:032x}"]
     assert (unscored["curate_state"], unscored["curate_reason"]) == ("failed", "no_published_score")
 

@@ -22,6 +22,7 @@ from flux3d.demo import _checker, _sphere_obj, _textured_box_glb
 from flux3d.ingest import ingest, list_sources, run_download
 from flux3d.storage import Storage
 from tests.http_server import Route, serve
+from tests.test_ingest import flux3d
 from tests.test_inspect import MAKE_BLEND
 from tests.test_sources_objaverse import _gz_json
 
@@ -102,6 +103,17 @@ def test_objaverse_xl_lists_resolve_fetch_verify_and_inspect(tmp_path):
     assert rows[f"{blob}/{C1}/models/changed.glb"]["download_reason"] == "hash_mismatch"
     assert rows[f"{blob}/{C1}/models/gone.glb"]["download_reason"] == "missing_member"
     assert rows[f"{blob}/{C2}/cone v2.glb"]["download_state"] == "ok"
+
+    status = flux3d("status", "--root", cfg.storage.root, "--json")
+    lists = json.loads(status.stdout)["reproduction"]["lists"]
+    assert lists["ObjaverseXL_sketchfab"] == {"listed": 4, "resolved": 2, "downloaded": 1, "sha256_matched": 1,
+                                              "inspected_ok": 1, "rendered": 0, "kept": 0,
+                                              "trellis_published": 168_307}
+    assert lists["ObjaverseXL_github"] == {"listed": 5, "resolved": 5, "downloaded": 3, "sha256_matched": 3,
+                                           "inspected_ok": 1, "rendered": 0, "kept": 0,
+                                           "trellis_published": 311_843}
+    text = flux3d("status", "--root", cfg.storage.root).stdout
+    assert "| ObjaverseXL_github | 5 | 5 | 3 | 3 | 1 | 0 | 0 | 311,843 |" in text and "360,000" in text
 
 
 def test_a_repo_archive_listed_1000_times_is_fetched_once(tmp_path):
