@@ -185,6 +185,7 @@ def test_hand_downloaded_datasets_resolve_under_their_roots(tmp_path):
     chair = rows["3D-FUTURE-model/0a1b-chair"]
     assert (chair["download_state"], chair["source_outcome"], chair["inspect_state"]) == ("ok", "found", "ok")
     assert chair["local_path"].endswith("0a1b-chair/raw_model.obj") and chair["format"] == "obj"
+    assert chair["sha256"] == image_sha  # keyed as the list keys it, so later stages join on the listed hash
     assert rows["objects/1/1a2b.glb"]["inspect_state"] == "ok"
     assert rows["objects/9/absent.glb"]["download_reason"] == "missing_file"
     toy = rows["airplane/airplane_000/airplane_000.blend"]

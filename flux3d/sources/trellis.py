@@ -10,7 +10,7 @@ identifier is resolved the way its dataset is really fetched:
                            <path> of the repository archive at <commit>, fetched once per repo@commit
     ABO                    <abo_dir>/3dmodels/original/<file_identifier>
     3D-FUTURE              <future3d_dir>/<file_identifier>/raw_model.obj; the listed sha256 is that of image.jpg
-                           beside it, which is the file TRELLIS hashes
+                           beside it, which is the file TRELLIS hashes, and stays the asset's key as in TRELLIS
     HSSD                   <hssd_dir>/<file_identifier>
     Toys4k                 <toys4k_dir>/toys4k_blend_files/<file_identifier>
 

@@ -193,13 +193,14 @@ def _download(rec: AssetRecord, cfg: Config, storage: Storage, session: requests
     if rec.url is None:
         path = rec.metadata.get("local_file") or rec.file_identifier
         # Some lists hash another file of the asset than the one we open (3D-FUTURE: the image beside the mesh).
+        # That hash is then the asset's key, as in the list: the later stages join on the listed sha256.
         hashed = rec.metadata.get("sha256_of") or path
         for p in {path, hashed}:
             if not os.path.isfile(p):
                 raise DownloadError("missing_file", f"no file at {p}")
         # A local listing hashed the file moments ago; anything else (manifest paths) is verified here.
-        sha = rec.sha256 if rec.source == "local" and rec.sha256 else sha256_file(path)
-        return _result(rec, path, sha, _verify(rec, sha if hashed == path else sha256_file(hashed), cfg))
+        sha = rec.sha256 if rec.source == "local" and rec.sha256 else sha256_file(hashed)
+        return _result(rec, path, sha, _verify(rec, sha, cfg))
     member = rec.metadata.get("archive_member")
     if member:
         folder = _archive_dir(session, rec, cfg, storage)
