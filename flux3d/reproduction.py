@@ -35,7 +35,8 @@ def _count(mask: pa.ChunkedArray | pa.Array) -> int:
 def reproduction_report(catalog: Catalog) -> dict[str, Any] | None:
     """Counts per published list; None when the catalog holds no `trellis:` source."""
     stages = [s for s in ("download", "inspect", "render", "curate") if s in catalog.stages()]
-    table = catalog.table(stages, result_columns=("state", "source_outcome"), asset_columns=("source", "sha256", "metadata"))
+    table = catalog.table(stages, result_columns=("state", "source_outcome"),
+                          asset_columns=("source", "sha256", "metadata"))
     if not table.num_rows:
         return None
     table = table.filter(pc.starts_with(table["source"], "trellis:"))

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 from scipy.stats import spearmanr
 
@@ -18,7 +21,7 @@ from flux3d.curate_run import SCORE_COLUMNS, curate_params, curation_table, run_
 from flux3d.curation.report import write_report
 from flux3d.ingest import list_sources
 from flux3d.records import OK, StageResult
-from flux3d.reproduction import reproduction_report
+from flux3d.reproduction import COLUMNS, reproduction_report
 from flux3d.stages.download import DOWNLOAD_COLUMNS
 from flux3d.stages.inspect import INSPECT_COLUMNS
 from flux3d.stages.render import RENDER_COLUMNS
@@ -125,3 +128,31 @@ def test_published_scores_reproduce_the_lists_threshold_decisions(tmp_path):
     rows = {r["file_identifier"]: r for r in catalog.table().to_pylist()}
     assert rows[f"https://sketchfab.com/3d-models/m-{1:032x}"]["curate_state"] == "ok"  # 5.7 by ours
     assert rows[f"https://sketchfab.com/3d-models/m-{6:032x}"]["curate_state"] == "ok"
+
+
+ARTIFACT_SCRIPT = """
+import json, sys
+from prefect import flow
+from prefect.client.orchestration import get_client
+from flux3d.flows.artifacts import publish_reproduction
+
+report = json.loads(sys.argv[1])
+flow(name="t")(lambda: publish_reproduction(report))()
+with get_client(sync_client=True) as client:
+    print(json.dumps([a.data for a in client.read_artifacts() if a.key == "reproduction"]))
+"""
+
+
+@pytest.mark.integration
+def test_reproduction_report_is_a_prefect_artifact(tmp_path):
+    """The data flow's artifact, published through Prefect's real (ephemeral) API and read back from it."""
+    report = {"lists": {"ABO": {**dict.fromkeys(COLUMNS, 2), "kept": 1, "trellis_published": 4_485}},
+              "training_total": {**dict.fromkeys(COLUMNS, 2), "kept": 1, "trellis_published": 500_777},
+              "paper_curated": 360_000}
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_LOGGING_LEVEL": "WARNING"}
+    p = subprocess.run([sys.executable, "-c", ARTIFACT_SCRIPT, json.dumps(report)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (markdown,) = json.loads(p.stdout.strip().splitlines()[-1])
+    assert "| ABO | 2 | 2 | 2 | 2 | 2 | 2 | 1 | 4,485 |" in markdown and "this run keeps 1" in markdown
