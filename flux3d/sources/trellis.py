@@ -162,7 +162,8 @@ def list_trellis(path: str, cfg: SourcesConfig) -> Iterator[AssetRecord]:
     root = dataset_root(name, cfg) if name in LOCAL_DATASETS else None
     object_paths = load_object_paths(cfg.objaverse_dir) if name == SKETCHFAB else None
     source = f"trellis:{name}"
-    for row in table.to_pylist():
+    rows = (row for batch in table.to_batches() for row in batch.to_pylist())  # 300K rows of captions: not at once
+    for row in rows:
         row = {k: clean_cell(v) for k, v in row.items()}
         fid = str(row["file_identifier"])
         sha = row.get("sha256")

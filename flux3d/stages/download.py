@@ -195,7 +195,7 @@ def _download(rec: AssetRecord, cfg: Config, storage: Storage, session: requests
         # Some lists hash another file of the asset than the one we open (3D-FUTURE: the image beside the mesh).
         # That hash is then the asset's key, as in the list: the later stages join on the listed sha256.
         hashed = rec.metadata.get("sha256_of") or path
-        for p in {path, hashed}:
+        for p in dict.fromkeys((path, hashed)):
             if not os.path.isfile(p):
                 raise DownloadError("missing_file", f"no file at {p}")
         # A local listing hashed the file moments ago; anything else (manifest paths) is verified here.
