@@ -197,7 +197,9 @@ def _download(rec: AssetRecord, cfg: Config, storage: Storage, session: requests
         hashed = rec.metadata.get("sha256_of") or path
         for p in dict.fromkeys((path, hashed)):
             if not os.path.isfile(p):
-                raise DownloadError("missing_file", f"no file at {p}")
+                # Under a hand-unpacked dataset root the file may still be on its way (an unpack in progress):
+                # the next run looks again.
+                raise DownloadError("missing_file", f"no file at {p}", retryable="local_file" in rec.metadata)
         # A local listing hashed the file moments ago; anything else (manifest paths) is verified here.
         sha = rec.sha256 if rec.source == "local" and rec.sha256 else sha256_file(hashed)
         return _result(rec, path, sha, _verify(rec, sha, cfg))
