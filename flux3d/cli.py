@@ -64,8 +64,8 @@ def _print_summary(summary) -> None:  # noqa: ANN001 - IngestSummary, imported l
 
 @app.command()
 def ingest(
-    source: Annotated[list[str], typer.Option("--source", help="local:DIR | manifest:FILE | objaverse:[opts] | "
-                                                              "objaverse-xl:[opts]; repeatable.")],
+    source: Annotated[list[str], typer.Option("--source", help="local:DIR | manifest:FILE | trellis:FILE | "
+                                                              "objaverse:[opts] | objaverse-xl:[opts]; repeatable.")],
     root: RootOpt = None,
     config: ConfigOpt = None,
     limit: Annotated[Optional[int], typer.Option(help="At most this many assets per source.")] = None,
@@ -88,10 +88,15 @@ def status(root: RootOpt = None, config: ConfigOpt = None,
            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Counts per stage and state, and per reason for everything not ok."""
     from flux3d.catalog import Catalog
+    from flux3d.reproduction import reproduction_markdown, reproduction_report
     from flux3d.storage import Storage
 
     cfg = _config(config, root)
-    report = Catalog(Storage(cfg.storage.root)).status()
+    catalog = Catalog(Storage(cfg.storage.root))
+    report = catalog.status()
+    reproduction = reproduction_report(catalog)
+    if reproduction is not None:
+        report["reproduction"] = reproduction
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -99,6 +104,8 @@ def status(root: RootOpt = None, config: ConfigOpt = None,
                + ", ".join(f"{k} {v}" for k, v in report["sources"].items()))
     rows = [(stage, c["states"], c["reasons"], []) for stage, c in report["stages"].items()]
     _print_counts("catalog status", rows, ("ok", "pending", "blocked", *STATE_COLUMNS[1:]))
+    if reproduction is not None:
+        typer.echo("\nreproducing TRELLIS-500K's lists:\n" + reproduction_markdown(reproduction))
 
 
 @app.command()

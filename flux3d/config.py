@@ -25,6 +25,7 @@ from typing import Any
 
 from flux3d.config_features import BACKGROUNDS, EncodeConfig, ShardConfig, VoxelizeConfig
 from flux3d.config_flow import FlowConfig
+from flux3d.config_sources import SourcesConfig
 from flux3d.config_train import EvaluateSection, TrainSection
 
 
@@ -98,18 +99,6 @@ class InspectConfig:
     """Formats that cannot carry textures: `reject_untextured` does not apply (render + curation decide)."""
     max_faces: int = 20_000_000
     """Assets with more faces are rejected (`rejected:too_many_faces`); they would stall rendering."""
-
-
-@dataclass(kw_only=True, slots=True)
-class SourcesConfig:
-    objaverse_dir: str = "~/.objaverse"
-    """Cache folder of the `objaverse` package (annotations, object paths, downloaded glbs)."""
-    objaverse_xl_dir: str = "~/.objaverse"
-    """Download folder for `objaverse.xl` annotations."""
-    objaverse_base_url: str = "https://huggingface.co/datasets/allenai/objaverse/resolve/main"
-    """Where Objaverse 1.0 glbs live (the path after it comes from object-paths.json.gz)."""
-    github_archive_url: str = "https://codeload.github.com/{org}/{repo}/tar.gz/{commit}"
-    """Template of a GitHub repository archive at a commit (Objaverse-XL github objects)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -222,9 +211,15 @@ class CurateConfig:
     aesthetic_threshold: float = 4.5
     """Minimum mean aesthetic score for sources not listed in `aesthetic_thresholds` (TRELLIS: 4.5)."""
     aesthetic_thresholds: dict[str, float] = field(
-        default_factory=lambda: {"objaverse": 5.5, "objaverse-xl": 5.5})
+        default_factory=lambda: {"objaverse": 5.5, "objaverse-xl": 5.5, "trellis:ObjaverseXL_sketchfab": 5.5,
+                                 "trellis:ObjaverseXL_github": 5.5})
     """Per-source minimum, matched on the source name, then on its prefix before ':' (TRELLIS: 5.5 for all of
     Objaverse-XL, whose Sketchfab part is Objaverse 1.0)."""
+    aesthetic_source: str = "scorer"
+    """Which aesthetic score decides: `scorer` (ours, the mean over the curation views) or `published` (the score
+    the source's list carries, e.g. TRELLIS-500K's aesthetic_score: its own selection, reproduced exactly); under
+    `published` an asset whose list has no score is `failed:no_published_score`. Our score is computed either way
+    and the curation report compares the two where both exist."""
     texture_rule: str = "auto"
     """How the two texture checks combine: heuristic_or_vlm (either rejects), heuristic_and_vlm (the VLM must confirm
     a heuristic flag), vlm (the heuristic is recorded only), heuristic (no VLM calls); auto = heuristic_or_vlm when
@@ -237,6 +232,8 @@ class CurateConfig:
             raise ValueError(f"curate.background must be one of {BACKGROUNDS}, got {self.background!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"curate.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.aesthetic_source not in ("scorer", "published"):
+            raise ValueError(f"curate.aesthetic_source must be scorer or published, got {self.aesthetic_source!r}")
         if self.texture_rule not in ("auto", "heuristic_or_vlm", "heuristic_and_vlm", "vlm", "heuristic"):
             raise ValueError(f"curate.texture_rule: unknown rule {self.texture_rule!r}")
         if self.batch_size < 1 or not 0 <= self.magenta_max <= 1 or not 0 <= self.flat_max <= 1:

@@ -14,6 +14,7 @@ Two catalog stages:
 from __future__ import annotations
 
 import dataclasses
+import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -53,8 +54,13 @@ CURATE_COLUMNS = pa.schema([
     ("vlm_verdict", pa.string()),
     ("vlm_reason", pa.string()),
     ("vlm_key", pa.string()),
+    ("scorer_aesthetic", pa.float64()),  # ours and the list's, whichever decided: the report compares them
+    ("published_aesthetic", pa.float64()),
+    ("aesthetic_source", pa.string()),
 ])
-_POLICY_FIELDS = ("magenta_max", "flat_max", "use_inspect_flag", "aesthetic_threshold", "aesthetic_thresholds")
+_POLICY_FIELDS = ("magenta_max", "flat_max", "use_inspect_flag", "aesthetic_threshold", "aesthetic_thresholds",
+                  "aesthetic_source")
+_UNDECIDED = {"decision": None, "aesthetic_threshold": None, "heuristic_flag": None}
 
 
 def score_params(cfg: Config) -> str:
@@ -152,14 +158,22 @@ def known_verdicts(catalog: Catalog, key: str) -> dict[str, tuple[str, str]]:
 
 def curate_one(row: dict[str, Any], cfg: Config, rule: str, key: str, verdicts: dict[str, tuple[str, str]],
                judge: VLMJudge | None, storage: Storage) -> StageResult:
-    ev = Evidence(source=row["source"], aesthetic=row["aesthetic_mean"], magenta_fraction=row["magenta_fraction"],
+    published = json.loads(row.get("metadata") or "{}").get("aesthetic_score")
+    by = cfg.curate.aesthetic_source
+    score = row["aesthetic_mean"] if by == "scorer" else published
+    ev = Evidence(source=row["source"], aesthetic=score, magenta_fraction=row["magenta_fraction"],
                   flat_fraction=row["flat_fraction"],
                   # Inspect finds texture files the asset references but lacks; Blender finds the same at import
                   # (`missing_images`), also for formats inspect reads without an engine.
                   missing_textures_flag=bool(row.get("missing_textures")) or bool(row.get("missing_images")))
     cols = {"aesthetic_score": ev.aesthetic, "magenta_fraction": ev.magenta_fraction,
             "flat_fraction": ev.flat_fraction, "missing_textures_flag": ev.missing_textures_flag,
-            "texture_rule": rule, "vlm_verdict": None, "vlm_reason": None, "vlm_key": None}
+            "texture_rule": rule, "vlm_verdict": None, "vlm_reason": None, "vlm_key": None,
+            "scorer_aesthetic": row["aesthetic_mean"], "published_aesthetic": published, "aesthetic_source": by}
+    if score is None:
+        return StageResult(row["sha256"], FAILED, "no_published_score",
+                           f"curate.aesthetic_source = published, but {row['source']} lists no aesthetic_score",
+                           columns={**cols, **_UNDECIDED})
     with Timer() as t:
         if needs_vlm(ev, cfg.curate, rule):
             verdict = verdicts.get(row["sha256"])
@@ -172,9 +186,7 @@ def curate_one(row: dict[str, Any], cfg: Config, rule: str, key: str, verdicts: 
                 except VLMError as e:
                     # Deterministic (temperature 0) garbage stays garbage: only transport failures are retried.
                     return StageResult(row["sha256"], FAILED, e.reason, e.message,
-                                       retryable=e.reason != "vlm_unparseable",
-                                       columns={**cols, "decision": None, "aesthetic_threshold": None,
-                                                "heuristic_flag": None})
+                                       retryable=e.reason != "vlm_unparseable", columns={**cols, **_UNDECIDED})
                 verdict = ("yes" if v.missing else "no", v.reason)
             cols.update(vlm_verdict=verdict[0], vlm_reason=verdict[1], vlm_key=key)
             ev = dataclasses.replace(ev, vlm_missing=verdict[0] == "yes")
@@ -204,7 +216,7 @@ def curate_stage(cfg: Config, storage: Storage, catalog: Catalog, judge: VLMJudg
                                            result_columns=("state", "missing_textures", "missing_images",
                                                            "render_dir", "aesthetic_mean", "magenta_fraction",
                                                            "flat_fraction"),
-                                           asset_columns=("source", "sha256")),
+                                           asset_columns=("source", "sha256", "metadata")),
                  workers=cfg.vlm.concurrency if rule != "heuristic" else 1, cpus=0.5,
                  timeout_s=cfg.vlm.timeout_s * cfg.vlm.max_attempts * cfg.vlm.parse_attempts + 60)
 

@@ -52,7 +52,8 @@ class ShardRun:
 def kept_rows(cfg: Config, catalog: Catalog) -> list[dict[str, Any]]:
     """Assets whose render, curation, voxels and features (with the current encode settings) are all ok."""
     table = catalog.table(list(UPSTREAM), result_columns=("state", "params", "render_dir", "features_path"),
-                          asset_columns=("sha256", "source", "file_identifier", "license", "attribution"))
+                          asset_columns=("sha256", "source", "file_identifier", "license", "attribution",
+                                         "metadata"))
     if any(f"{s}_state" not in table.column_names for s in UPSTREAM):
         return []
     mask = pc.equal(table["encode_params"], encode_params(cfg))

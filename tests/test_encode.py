@@ -175,7 +175,8 @@ def test_shard_run_packs_the_catalogs_kept_assets(encoded_box):
     catalog = Catalog(storage)
     good, broken = "c" * 64, "d" * 64
     catalog.add_assets([AssetRecord(asset_id=s[:32], source="local", file_identifier=f"/x/{s[0]}.glb",
-                                    format="glb", sha256=s, license="CC-BY-4.0", attribution="flux3d tests")
+                                    format="glb", sha256=s, license="CC-BY-4.0", attribution="flux3d tests",
+                                    metadata={"captions": ["a six-colour box", "a cube"]})
                         for s in (good, broken)])
     catalog.write_results("download", "p", [StageResult(s[:32], OK, columns={}) for s in (good, broken)])
     for stage, columns, params in (("render", RENDER_COLUMNS, "r"), ("curate", None, "c"),
@@ -210,6 +211,7 @@ def test_shard_run_packs_the_catalogs_kept_assets(encoded_box):
         assert np.array_equal(decode_image(view), original) and cam["w2c"] == t["frames"][i]["w2c"]
     assert len(s["cond_images"]) == 2 and s["meta"]["license"] == "CC-BY-4.0" and s["meta"]["split"] in (
         "train", "val")
+    assert s["meta"]["captions"] == ["a six-colour box", "a cube"]  # the source list's captions travel along
     mu = f["mu"].astype(np.float64)
     assert np.allclose(run.stats["mu_mean"], mu.mean(0)) and np.allclose(run.stats["mu_std"], mu.std(0))
     shard_rows = catalog.results("shard").to_pylist()

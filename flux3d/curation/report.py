@@ -7,6 +7,9 @@
     aesthetic.png            histogram of mean aesthetic scores, kept vs rejected, thresholds marked
     texture.png              histograms of the magenta and flat fractions, thresholds marked
     rejected_<reason>.png    a seeded sample of rejected assets per reason: one row of curation views each
+    score_differences.csv    where a list publishes scores (TRELLIS-500K): every asset that our score and the
+                             list's would decide differently at the source's threshold, and which one keeps it
+    differ_<kept_by>.png     a sample of them kept by the `published` or the `scorer` score only
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from flux3d.config import Config
+from flux3d.curation.policy import aesthetic_threshold
 from flux3d.storage import Storage
 
 TILE = 128
@@ -51,6 +55,55 @@ def summarize(table: pa.Table, cfg: Config, params: str, rule: str) -> dict[str,
                        "magenta_max": cfg.curate.magenta_max, "flat_max": cfg.curate.flat_max},
         "aesthetic_quantiles": quantiles,
     }
+
+
+def compare_scores(table: pa.Table, cfg: Config) -> dict[str, Any] | None:
+    """Our score against the list's where both exist: Spearman rank correlation, and the assets whose keep/drop
+    at the source's threshold would differ (`kept_by`: the score that alone would keep it). None when no asset
+    has both."""
+    if "published_aesthetic" not in table.column_names:
+        return None
+    rows = [r for r in table.select(["sha256", "source", "scorer_aesthetic", "published_aesthetic",
+                                     "render_dir"]).to_pylist()
+            if r["scorer_aesthetic"] is not None and r["published_aesthetic"] is not None]
+    if not rows:
+        return None
+    from scipy.stats import spearmanr
+
+    ours = np.array([r["scorer_aesthetic"] for r in rows])
+    listed = np.array([r["published_aesthetic"] for r in rows])
+    rho = float(spearmanr(ours, listed).statistic) if len(rows) > 1 else float("nan")
+    differ = []
+    for r in rows:
+        t = aesthetic_threshold(r["source"], cfg.curate)
+        if (r["published_aesthetic"] >= t) != (r["scorer_aesthetic"] >= t):
+            differ.append({**r, "threshold": t, "kept_by": "published" if r["published_aesthetic"] >= t else "scorer",
+                           "label": f"ours {r['scorer_aesthetic']:.2f} list {r['published_aesthetic']:.2f} (>= {t})"})
+    return {"assets": len(rows), "spearman": None if np.isnan(rho) else rho, "differ": differ}
+
+
+def _write_comparison(table: pa.Table, cfg: Config, storage: Storage, work: str) -> dict[str, Any] | None:
+    """score_differences.csv (every asset the two scores decide differently) and a contact sheet per side; the
+    summary keeps the counts, so it stays small at 500K assets."""
+    comparison = compare_scores(table, cfg)
+    if comparison is None:
+        return None
+    differ = comparison.pop("differ")
+    import pyarrow.csv as pacsv
+
+    fields = ["sha256", "source", "scorer_aesthetic", "published_aesthetic", "threshold", "kept_by"]
+    pacsv.write_csv(pa.Table.from_pylist([{k: r[k] for k in fields} for r in differ]) if differ else
+                    pa.table({k: pa.array([], pa.string()) for k in fields}),
+                    os.path.join(work, "score_differences.csv"))
+    comparison["differences"] = "score_differences.csv"
+    for kept_by in ("published", "scorer"):
+        rows = [r for r in differ if r["kept_by"] == kept_by]
+        comparison[f"kept_by_{kept_by}_only"] = len(rows)
+        if rows:
+            sample = random.Random(kept_by).sample(rows, min(cfg.curate.report_samples, len(rows)))
+            comparison[f"sheet_{kept_by}"] = f"differ_{kept_by}.png"
+            _sheet(sample, cfg, storage, os.path.join(work, f"differ_{kept_by}.png"))
+    return comparison
 
 
 def _histograms(table: pa.Table, cfg: Config, out: str) -> None:
@@ -105,9 +158,9 @@ def _sheet(rows: list[dict[str, Any]], cfg: Config, storage: Storage, path: str)
         for c, rgba in enumerate(views):
             im = Image.fromarray(rgba, "RGBA").resize((TILE, TILE), Image.LANCZOS)
             sheet.paste(im, (c * TILE, r * TILE), im)
-        score = row["aesthetic_score"]
-        draw.text((4, r * TILE + 2), f"{row['sha256'][:10]} {row['source']} "
-                                     f"{'' if score is None else f'{score:.2f}'}", fill=(255, 255, 0))
+        score = row.get("aesthetic_score")
+        label = row.get("label") or ("" if score is None else f"{score:.2f}")
+        draw.text((4, r * TILE + 2), f"{row['sha256'][:10]} {row['source']} {label}", fill=(255, 255, 0))
     sheet.save(path)
 
 
@@ -130,6 +183,9 @@ def write_report(table: pa.Table, cfg: Config, storage: Storage, params: str, ru
             sheets[reason] = f"rejected_{reason}.png"
             _sheet(sample, cfg, storage, os.path.join(work, sheets[reason]))
         summary["contact_sheets"] = sheets
+        comparison = _write_comparison(table, cfg, storage, work)
+        if comparison is not None:
+            summary["score_comparison"] = comparison
         with open(os.path.join(work, "report.md"), "w") as f:
             f.write(_markdown(summary))
         with open(os.path.join(work, "summary.json"), "w") as f:
@@ -155,4 +211,15 @@ def _markdown(s: dict[str, Any]) -> str:
         lines += ["![aesthetic](aesthetic.png)", "", "![texture](texture.png)", ""]
     for reason, name in s.get("contact_sheets", {}).items():
         lines += [f"## Rejected: {reason}", "", f"![{reason}]({name})", ""]
+    c = s.get("score_comparison")
+    if c:
+        rho = "n/a" if c["spearman"] is None else f"{c['spearman']:.3f}"
+        lines += ["## Our aesthetic score vs the published one", "",
+                  f"{c['assets']} assets have both; Spearman rank correlation {rho}. At each source's threshold, "
+                  f"{c['kept_by_published_only']} would be kept by the published score only and "
+                  f"{c['kept_by_scorer_only']} by ours only (all listed in [{c['differences']}]"
+                  f"({c['differences']})).", ""]
+        for kept_by in ("published", "scorer"):
+            if c.get(f"sheet_{kept_by}"):
+                lines += [f"![kept by {kept_by} only]({c[f'sheet_{kept_by}']})", ""]
     return "\n".join(lines)

@@ -68,3 +68,11 @@ def publish_shards(version: str, stats: dict[str, Any]) -> None:
     rows = [{"split": s, "assets": stats["assets"][s], "shards": stats["shards"][s]} for s in ("train", "val")]
     create_table_artifact(rows, key="shards", description=f"dataset version {version}: "
                           f"{stats['bytes'] / 2**20:.1f} MiB, {stats['failed']} failed")
+
+
+def publish_reproduction(report: dict[str, Any]) -> None:
+    """How far each of TRELLIS-500K's lists got, beside TRELLIS's published counts (as `flux3d status` prints)."""
+    from flux3d.reproduction import reproduction_markdown
+
+    create_markdown_artifact("### Reproducing TRELLIS-500K's lists\n\n" + reproduction_markdown(report),
+                             key="reproduction", description="per published list: listed ... kept")

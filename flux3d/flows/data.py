@@ -15,7 +15,7 @@ from prefect.cache_policies import NONE
 
 from flux3d.catalog import Catalog
 from flux3d.config import Config, load_config
-from flux3d.flows.artifacts import publish_curation, publish_shards
+from flux3d.flows.artifacts import publish_curation, publish_reproduction, publish_shards
 from flux3d.flows.executor import connect, ray_ordered_map
 from flux3d.flows.stages import BUILDERS, run_stage_flow
 from flux3d.storage import Storage
@@ -48,6 +48,17 @@ def curation_report_task(cfg: Config) -> dict[str, Any]:
                            effective_rule(cfg.curate, cfg.vlm.endpoint))
     publish_curation(summary, storage)
     return summary
+
+
+@task(name="reproduction-report", cache_policy=NONE)
+def reproduction_task(cfg: Config) -> dict[str, Any] | None:
+    """The per-list reproduction counts, when the catalog holds TRELLIS-500K lists (`trellis:` sources)."""
+    from flux3d.reproduction import reproduction_report
+
+    report = reproduction_report(Catalog(Storage(cfg.storage.root)))
+    if report is not None:
+        publish_reproduction(report)
+    return report
 
 
 @task(name="shard", cache_policy=NONE)
@@ -86,6 +97,7 @@ def data_flow(root: str, sources: list[str] | None = None, config: str | None = 
         stages[name] = run_stage_flow(name, cfg)
         if name == "curate" and (stages[name]["processed"] or not _has_report(cfg)):
             curation_report_task(cfg)
+    reproduction_task(cfg)
     shards = shard_task(cfg)
     return {"root": root, "listed": listed, "stages": stages, "dataset_version": shards["version"],
             "shards": shards}

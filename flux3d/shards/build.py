@@ -65,7 +65,7 @@ def _images(storage: Storage, paths: list[str], quality: int) -> list[bytes]:
 
 def make_item(row: dict[str, Any], cfg: Config, storage: Storage, version: str) -> Item:
     """The sample of one asset. `row`: sha256, features_path, render_dir, source, file_identifier, license,
-    attribution."""
+    attribution, metadata (the listing's JSON; its captions, e.g. TRELLIS-500K's, go into meta.json)."""
     sha, render_dir = row["sha256"], row["render_dir"]
     try:
         f = np.load(io.BytesIO(storage.fs.cat_file(row["features_path"])), allow_pickle=False)
@@ -86,7 +86,8 @@ def make_item(row: dict[str, Any], cfg: Config, storage: Storage, version: str) 
     split = split_of(sha, cfg.shard.val_fraction, cfg.shard.split_seed)
     meta = {"sha256": sha, "source": row["source"], "uid": row["file_identifier"], "license": row["license"],
             "attribution": row["attribution"], "num_voxels": int(len(coords)), "split": split,
-            "encoder": cfg.encode.encoder, "dataset_version": version}
+            "encoder": cfg.encode.encoder, "dataset_version": version,
+            "captions": json.loads(row.get("metadata") or "{}").get("captions", [])}
     cameras = {"views": cams, "cond": cond_cams, "resolution": res, "cond_resolution": cond_res}
     sample = encode_sample(sha, coords, mu, sigma, images, cameras, meta, cond_images, cond_latents)
     m = mu.astype(np.float64)

@@ -9,7 +9,8 @@ One webdataset sample per asset, key = sha256 (no dots, as webdataset splits the
     cond_000.webp   RGBA                conditioning views, when shard.cond = images
     cond.npy        float16 (V, 16, h, w) conditioning latents, when shard.cond = latents
     cameras.json    {"views": [{"K", "w2c"}...], "cond": [...], "resolution", "cond_resolution"}  OpenCV, world-to-camera
-    meta.json       sha256, source, uid, license, attribution, num_voxels, split, encoder, dataset version
+    meta.json       sha256, source, uid, license, attribution, num_voxels, split, encoder, dataset version,
+                    captions (the source list's text descriptions, [] when it has none)
 
 Arrays are plain `.npy` (no pickle) so any reader, in any language, can decode them without this package.
 """

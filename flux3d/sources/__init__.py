@@ -3,7 +3,8 @@
 Specs (`flux3d ingest --source SPEC`, repeatable):
 
     local:DIR                          every 3D file under DIR, recursively
-    manifest:FILE                      a CSV/Parquet manifest (TRELLIS-500K / Toys4k layout)
+    manifest:FILE                      a CSV/Parquet list of URLs or paths (url, sha256, license, ... columns)
+    trellis:FILE                       one of TRELLIS-500K's published lists (ObjaverseXL_github.csv, ABO.csv, ...)
     objaverse:[lvis=CAT,CAT][;limit=N] Objaverse 1.0 through the `objaverse` package
     objaverse-xl:[sources=a,b][;limit=N]  Objaverse-XL through `objaverse.xl` (sketchfab, github, thingiverse, smithsonian)
 """
@@ -37,9 +38,9 @@ class SourceSpec:
 def parse_spec(spec: str) -> SourceSpec:
     """`kind:arg` or `kind:key=value;key=value`. Raises ValueError with the accepted forms on anything else."""
     kind, sep, rest = spec.partition(":")
-    if not sep or kind not in ("local", "manifest", "objaverse", "objaverse-xl"):
-        raise ValueError(f"bad source spec {spec!r}: expected local:DIR, manifest:FILE, objaverse:[opts] "
-                         "or objaverse-xl:[opts]")
+    if not sep or kind not in ("local", "manifest", "trellis", "objaverse", "objaverse-xl"):
+        raise ValueError(f"bad source spec {spec!r}: expected local:DIR, manifest:FILE, trellis:FILE, "
+                         "objaverse:[opts] or objaverse-xl:[opts]")
     options: dict[str, str] = {}
     arg = rest
     if kind in ("objaverse", "objaverse-xl"):
@@ -68,6 +69,10 @@ def list_source(spec: SourceSpec, cfg: Config, known: dict[str, tuple[int, int, 
         from flux3d.sources.manifest import list_manifest
 
         yield from list_manifest(spec.arg)
+    elif spec.kind == "trellis":
+        from flux3d.sources.trellis import list_trellis
+
+        yield from list_trellis(spec.arg, cfg.sources)
     elif spec.kind == "objaverse":
         from flux3d.sources.objaverse import list_objaverse
 

@@ -1,4 +1,5 @@
-"""`manifest:FILE`: a CSV or Parquet list of assets, the layout TRELLIS-500K and Toys4k publish.
+"""`manifest:FILE`: a CSV or Parquet list of assets by URL or path. TRELLIS-500K's published lists name web pages and
+files inside hand-downloaded archives instead; they go through `trellis:` (trellis.py), which reuses this reader.
 
 Columns (only `file_identifier` is required):
     file_identifier   a URL (http/https) or a path; relative paths are relative to the manifest's folder
@@ -49,7 +50,7 @@ def _format_of(identifier: str, explicit: str | None) -> str:
     return ASSET_EXTENSIONS.get(os.path.splitext(path)[1].lower(), os.path.splitext(path)[1].lower().lstrip("."))
 
 
-def _clean(value: Any) -> Any:
+def clean_cell(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
@@ -61,7 +62,7 @@ def list_manifest(path: str) -> Iterator[AssetRecord]:
     source = f"manifest:{name}"
     base = os.path.dirname(path)
     for row in read_manifest(path).to_pylist():
-        row = {k: _clean(v) for k, v in row.items()}
+        row = {k: clean_cell(v) for k, v in row.items()}
         ident = str(row["file_identifier"])
         is_url = ident.startswith(("http://", "https://"))
         url = row.get("url") or (ident if is_url else None)

@@ -118,17 +118,24 @@ def _selected_sources(spec: SourceSpec) -> list[str]:
     return sorted(chosen)  # listing order does not depend on how the option was spelled
 
 
+def github_location(fid: str, cfg: SourcesConfig) -> tuple[str, str, dict[str, Any]]:
+    """(archive url, attribution, extra metadata) of a GitHub blob URL: the file is a member of the repository's
+    archive at that commit, so every file of one repo@commit shares one URL and the download stage fetches it once.
+    """
+    org, repo, commit, member = parse_github_identifier(fid)
+    url = cfg.github_archive_url.format(org=org, repo=repo, commit=commit)
+    # GitHub names an archive's top folder <repo>-<commit> when the ref is a full commit sha, which is what
+    # Objaverse-XL identifiers carry.
+    extra = {"github_organization": org, "github_repo": repo, "commit": commit,
+             "archive_member": member, "archive_root": f"{repo}-{commit}"}
+    return url, f"{org}/{repo} at commit {commit} (https://github.com/{org}/{repo})", extra
+
+
 def _locate(sub: str, fid: str, cfg: SourcesConfig, object_paths: dict[str, str] | None
             ) -> tuple[str, str, dict[str, Any]] | None:
     """(url, attribution, extra metadata) of one object; None for a sketchfab uid Objaverse 1.0 does not host."""
     if sub == "github":
-        org, repo, commit, member = parse_github_identifier(fid)
-        url = cfg.github_archive_url.format(org=org, repo=repo, commit=commit)
-        # GitHub names a tarball's top folder <repo>-<commit> when the ref is a full commit sha, which is what
-        # Objaverse-XL identifiers carry.
-        extra = {"github_organization": org, "github_repo": repo, "commit": commit,
-                 "archive_member": member, "archive_root": f"{repo}-{commit}"}
-        return url, f"{org}/{repo} at commit {commit} (https://github.com/{org}/{repo})", extra
+        return github_location(fid, cfg)
     if sub == "sketchfab":
         assert object_paths is not None
         uid = fid.rstrip("/").split("/")[-1]  # SketchfabDownloader.file_identifier_to_uid

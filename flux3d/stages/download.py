@@ -174,7 +174,8 @@ def download_asset(rec: AssetRecord, cfg: Config, storage: Storage,
         try:
             result = _download(rec, cfg, storage, session)
         except DownloadError as e:
-            outcome = ("missing" if e.reason in ("http_404", "http_410", "missing_file", "missing_member")
+            outcome = ("missing" if e.reason in ("http_404", "http_410", "missing_file", "missing_member",
+                                                 "unresolved")
                        else "modified" if e.reason == "hash_mismatch" else None)
             result = StageResult(rec.asset_id, FAILED, e.reason, str(e), retryable=e.retryable,
                                  columns={"source_outcome": outcome})
@@ -185,14 +186,22 @@ def download_asset(rec: AssetRecord, cfg: Config, storage: Storage,
 
 
 def _download(rec: AssetRecord, cfg: Config, storage: Storage, session: requests.Session) -> StageResult:
+    if rec.metadata.get("unresolved"):  # listed, but the source found no way to fetch it
+        raise DownloadError("unresolved", rec.metadata["unresolved"])
     if rec.format not in KNOWN_FORMATS:
         raise DownloadError("unsupported_format", f"format {rec.format!r} is not a known 3D format")
     if rec.url is None:
-        path = rec.file_identifier
-        if not os.path.isfile(path):
-            raise DownloadError("missing_file", f"no file at {path}")
+        path = rec.metadata.get("local_file") or rec.file_identifier
+        # Some lists hash another file of the asset than the one we open (3D-FUTURE: the image beside the mesh).
+        # That hash is then the asset's key, as in the list: the later stages join on the listed sha256.
+        hashed = rec.metadata.get("sha256_of") or path
+        for p in dict.fromkeys((path, hashed)):
+            if not os.path.isfile(p):
+                # Under a hand-unpacked dataset root the file may still be on its way (an unpack in progress):
+                # the next run looks again.
+                raise DownloadError("missing_file", f"no file at {p}", retryable="local_file" in rec.metadata)
         # A local listing hashed the file moments ago; anything else (manifest paths) is verified here.
-        sha = rec.sha256 if rec.source == "local" and rec.sha256 else sha256_file(path)
+        sha = rec.sha256 if rec.source == "local" and rec.sha256 else sha256_file(hashed)
         return _result(rec, path, sha, _verify(rec, sha, cfg))
     member = rec.metadata.get("archive_member")
     if member:
