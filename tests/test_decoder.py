@@ -25,7 +25,8 @@ from flux3d.training.rasterizer import rasterize
 from flux3d.training.recipes import recipe
 from flux3d.training.telemetry import read_metrics
 from flux3d.training.trainer import fit
-from tests.datasets import SHARED, build_dataset, render_frames
+from tests.conftest import SHARED
+from tests.datasets import build_dataset, render_frames
 
 pytestmark = pytest.mark.integration
 AVOCADO = SHARED / "assets" / "good" / "Avocado.glb"

@@ -18,6 +18,7 @@ from flux3d.features.vae import TAEF1_CONFIG, LatentEncoder
 from flux3d.stages.render import render_asset
 from flux3d.stages.voxelize import read_ply, voxelize_asset
 from flux3d.storage import Storage
+from tests.conftest import TAEF1
 
 FACE_COLOURS = np.array([[230, 30, 30], [30, 200, 40], [40, 60, 230], [240, 220, 30], [220, 40, 220],
                          [30, 220, 220]], dtype=np.uint8)  # -x, +x, -y, +y, -z, +z
@@ -43,7 +44,7 @@ def _six_colour_box_glb() -> bytes:
     return trimesh.Scene(mesh).export(file_type="glb")
 
 
-WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "taef1_encoder.safetensors"
+WEIGHTS = TAEF1
 
 
 def _encoder() -> LatentEncoder:

@@ -18,7 +18,8 @@ from flux3d.training.smdit import SMDiT, SMDiTConfig
 from flux3d.training.sparse import SparseBatch
 from flux3d.training.telemetry import read_metrics
 from flux3d.training.trainer import fit
-from tests.datasets import SHARED, TAEF1, build_dataset
+from tests.conftest import SHARED, TAEF1
+from tests.datasets import build_dataset
 
 GOOD = SHARED / "assets" / "good"
 
@@ -90,6 +91,7 @@ def assets(tmp_path_factory):
                          voxels=32, supervision_views=16, cond_views=1, cond_resolution=64)
 
 
+@pytest.mark.integration
 def test_debug_smdit_overfits_a_handful_of_real_assets(assets, tmp_path):
     """Train the debug decoder and the debug SMDiT on three real assets; then, from each asset's conditioning image,
     the sampler must reproduce that asset's latents, and the decoder must render them close to the ground truth.
