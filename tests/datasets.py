@@ -7,7 +7,7 @@ random FLUX-shaped AutoencoderKL.
 
 `synthetic_dataset`: no Blender. Per-asset stage outputs made up here (a voxel blob, its views painted from the
 render's own cameras, random latents) are written where the stages write them and sharded by the project's own
-builder and writer (`make_item`, `ShardSet`, `finish`): a valid dataset version in about a second, for the contracts
+builder and writer (`make_item`, `ShardSet`, `finish`): a valid dataset version in seconds, for the contracts
 of the loader, trainer, models and evaluation that only need valid shards.
 """
 
@@ -29,7 +29,6 @@ from flux3d.shard_run import run_shard
 from flux3d.storage import Storage
 from flux3d.voxelize_run import run_voxelize
 from tests.conftest import TAEF1
-
 
 
 @dataclass
@@ -148,8 +147,8 @@ def synthetic_dataset(tmp: Path, assets: int, *, views: int = 8, resolution: int
         np.savez(buf, coords=coords, mu=mu, sigma=sigma)
         storage.write_bytes(f"features/{cfg.encode.encoder}/{sha}.npz", buf.getvalue())
         rows.append({"sha256": sha, "features_path": storage.path(f"features/{cfg.encode.encoder}/{sha}.npz"),
-                     "render_dir": storage.path(render_dir), "source": "synthetic", "file_identifier": f"synthetic/{a}",
-                     "license": "CC0-1.0", "attribution": "", "metadata": None})
+                     "render_dir": storage.path(render_dir), "source": "synthetic",
+                     "file_identifier": f"synthetic/{a}", "license": "CC0-1.0", "attribution": "", "metadata": None})
     rows.sort(key=lambda r: r["sha256"])
     version = dataset_version(cfg, [r["sha256"] for r in rows])
     shards = ShardSet(storage, f"shards/{version}", cfg.shard.max_bytes)
