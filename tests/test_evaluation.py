@@ -89,6 +89,7 @@ def report(trained):
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(600)  # training, then `flux3d evaluate` subprocesses: minutes on 2 busy cores
 def test_evaluate_writes_a_complete_consistent_report(report):
     run, out, doc = report
     s = doc["summary"]
@@ -114,6 +115,7 @@ def test_evaluate_writes_a_complete_consistent_report(report):
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(600)  # training, then `flux3d evaluate` subprocesses: minutes on 2 busy cores
 def test_evaluate_again_reproduces_the_report_and_compares_with_it(report):
     """The same models again, against the first report: every random choice is seeded, so nothing changes."""
     run, _, doc = report
