@@ -94,12 +94,12 @@ def generate(
     """Image + sparse layout -> FLUX latents (SMDiT) -> Gaussians (decoder) -> a 3DGS .ply and a turntable."""
     import torch
 
-    from flux3d.training.flow_matching import SamplerConfig
-    from flux3d.training.gaussians import save_ply
-    from flux3d.training.inference import generate as run_generate
-    from flux3d.training.inference import load_image, load_model, read_layout, save_turntable
-    from flux3d.training.inference import turntable as render_turntable
-    from flux3d.training.smdit_task import ConditionEncoder
+    from flux3d.models.flow_matching import SamplerConfig
+    from flux3d.models.gaussians import save_ply
+    from flux3d.models.inference import generate as run_generate
+    from flux3d.models.inference import load_image, load_model, read_layout, save_turntable
+    from flux3d.models.inference import turntable as render_turntable
+    from flux3d.training.smdit_step import ConditionEncoder
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))

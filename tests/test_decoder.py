@@ -19,9 +19,9 @@ from PIL import Image
 
 from flux3d.shards.format import over_background
 from flux3d.training.config import apply_overrides
-from flux3d.training.decoder import GaussianDecoder
-from flux3d.training.inference import load_model
-from flux3d.training.rasterizer import rasterize
+from flux3d.models.decoder import GaussianDecoder
+from flux3d.models.inference import load_model
+from flux3d.models.rasterizer import rasterize
 from flux3d.training.recipes import recipe
 from flux3d.training.telemetry import read_metrics
 from flux3d.training.trainer import fit
@@ -55,7 +55,7 @@ def held_out(ds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.T
 
 
 def psnr(model: GaussianDecoder, ds, views) -> float:
-    from flux3d.training.sparse import SparseBatch
+    from flux3d.models.sparse import SparseBatch
 
     K, w2c, target, _ = views
     path = next((ds.root / "data" / "features").rglob("*.npz"))

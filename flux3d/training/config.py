@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from flux3d.config import build_dataclass
-from flux3d.training.decoder import DecoderConfig
-from flux3d.training.gaussians import GaussianConfig
-from flux3d.training.smdit import SMDiTConfig
+from flux3d.models.decoder import DecoderConfig
+from flux3d.models.gaussians import GaussianConfig
+from flux3d.models.smdit import SMDiTConfig
 
 Kind = Literal["decoder", "smdit"]
 
@@ -76,7 +76,7 @@ class ScaleConfig:
     compile: bool = False
     """torch.compile the blocks (GPU; packed shapes vary per batch, so dynamic shapes)."""
     attention: str = "auto"
-    """Packed attention kernel: auto | flash | varlen | nested | bucketed | padded (flux3d.training.attention)."""
+    """Packed attention kernel: auto | flash | varlen | nested | bucketed | padded (flux3d.models.attention)."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:

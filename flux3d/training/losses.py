@@ -14,7 +14,7 @@ from torch import nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from flux3d.training.config import LossConfig
-from flux3d.training.gaussians import Gaussians
+from flux3d.models.gaussians import Gaussians
 
 
 class ReconstructionLoss(nn.Module):

@@ -22,7 +22,7 @@ from flux3d.training.config import (
     SMDiTConfig,
     TrainConfig,
 )
-from flux3d.training.gaussians import GaussianConfig
+from flux3d.models.gaussians import GaussianConfig
 
 
 def decoder_paper() -> TrainConfig:

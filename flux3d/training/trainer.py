@@ -27,7 +27,7 @@ from torch import nn
 from flux3d.storage import Storage
 from flux3d.training import checkpoint as ckpt_io
 from flux3d.training.config import TrainConfig, from_dict
-from flux3d.training.tasks import Task, make_task, unwrap
+from flux3d.training.step import Task, make_task, unwrap
 from flux3d.training.telemetry import Telemetry, peak_flops
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ from torch import nn
 
 from flux3d.training.config import TrainConfig
 from flux3d.training.data import Batch
-from flux3d.training.flow_matching import flow_matching_loss, logit_normal, normalize
-from flux3d.training.smdit import SMDiT
-from flux3d.training.tasks import Task, unwrap
+from flux3d.models.flow_matching import flow_matching_loss, logit_normal, normalize
+from flux3d.models.smdit import SMDiT
+from flux3d.training.step import Task, unwrap
 
 
 class ConditionEncoder:
@@ -93,9 +93,9 @@ class SMDiTTask(Task):
             return None
         from torchvision.utils import make_grid
 
-        from flux3d.training.flow_matching import SamplerConfig
-        from flux3d.training.inference import generate, load_model
-        from flux3d.training.rasterizer import render_views
+        from flux3d.models.flow_matching import SamplerConfig
+        from flux3d.models.inference import generate, load_model
+        from flux3d.models.rasterizer import render_views
 
         if self._decoder is None:
             self._decoder = load_model(self.cfg.run.decoder_run, device=self.device)[0]

@@ -182,7 +182,7 @@ def _varlen_takes_scale() -> bool:
     expected = ["query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k"]
     if names[:7] != expected:
         raise RuntimeError(f"torch {torch.__version__}: varlen_attn{inspect.signature(varlen_attn)} does not start "
-                           f"with {expected}; update flux3d.training.attention for this torch version")
+                           f"with {expected}; update flux3d.models.attention for this torch version")
     return "scale" in names
 
 

@@ -43,7 +43,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from flux3d.training.gaussians import Gaussians
+from flux3d.models.gaussians import Gaussians
 
 ALPHA_MIN = 1.0 / 255.0
 ALPHA_MAX = 0.999

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flux3d.training.attention import WindowPartition, varlen_attention, windowed_attention
-from flux3d.training.rope import apply_rotary
+from flux3d.models.attention import WindowPartition, varlen_attention, windowed_attention
+from flux3d.models.rope import apply_rotary
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flux3d.training.smdit import SMDiT
+from flux3d.models.smdit import SMDiT
 
 
 def logit_normal(n: int, mean: float, std: float, generator: torch.Generator | None,

@@ -20,12 +20,12 @@ from torch import nn
 
 from flux3d.training import checkpoint as ckpt_io
 from flux3d.training.config import TrainConfig, from_dict
-from flux3d.training.decoder import GaussianDecoder
-from flux3d.training.flow_matching import SamplerConfig, sample
-from flux3d.training.gaussians import Gaussians
-from flux3d.training.rasterizer import rasterize
-from flux3d.training.smdit import SMDiT
-from flux3d.training.sparse import SparseBatch
+from flux3d.models.decoder import GaussianDecoder
+from flux3d.models.flow_matching import SamplerConfig, sample
+from flux3d.models.gaussians import Gaussians
+from flux3d.models.rasterizer import rasterize
+from flux3d.models.smdit import SMDiT
+from flux3d.models.sparse import SparseBatch
 
 
 def load_model(path: str, which: str = "ema", device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:

@@ -22,10 +22,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from flux3d.training.attention import window_partition
-from flux3d.training.gaussians import RAW_CHANNELS, GaussianConfig, Gaussians, gaussians_from_raw
-from flux3d.training.layers import Block, Groups, Sequences, attention_pairs, checkpointed
-from flux3d.training.rope import RotaryEmbedding, SinusoidalPositionEmbedding, rope_axes
+from flux3d.models.attention import window_partition
+from flux3d.models.gaussians import RAW_CHANNELS, GaussianConfig, Gaussians, gaussians_from_raw
+from flux3d.models.layers import Block, Groups, Sequences, attention_pairs, checkpointed
+from flux3d.models.rope import RotaryEmbedding, SinusoidalPositionEmbedding, rope_axes
 
 
 @dataclass(kw_only=True, slots=True)

@@ -18,9 +18,9 @@ from torchvision.utils import make_grid
 
 from flux3d.training.config import TrainConfig
 from flux3d.training.data import Batch, make_loader, shard_urls
-from flux3d.training.decoder import GaussianDecoder
-from flux3d.training.gaussians import Gaussians
-from flux3d.training.rasterizer import render_views
+from flux3d.models.decoder import GaussianDecoder
+from flux3d.models.gaussians import Gaussians
+from flux3d.models.rasterizer import render_views
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -132,6 +132,6 @@ class DecoderTask(Task):
 def make_task(cfg: TrainConfig, device: torch.device) -> Task:
     if cfg.kind == "decoder":
         return DecoderTask(cfg, device)
-    from flux3d.training.smdit_task import SMDiTTask
+    from flux3d.training.smdit_step import SMDiTTask
 
     return SMDiTTask(cfg, device)

@@ -30,15 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flux3d.training.layers import MLP, Attention, Sequences, attend, attention_pairs, checkpointed, timestep_embedding
-from flux3d.training.rope import (
+from flux3d.models.layers import MLP, Attention, Sequences, attend, attention_pairs, checkpointed, timestep_embedding
+from flux3d.models.rope import (
     RotaryEmbedding,
     SinusoidalPositionEmbedding,
     apply_rotary,
     marope_positions,
     rope_axes,
 )
-from flux3d.training.sparse import SparseBatch, patchify, unpatchify
+from flux3d.models.sparse import SparseBatch, patchify, unpatchify
 
 
 @dataclass(kw_only=True, slots=True)
