@@ -20,7 +20,7 @@ import torch
 from flux3d.evaluation.config import EvalConfig, eval_config
 from flux3d.evaluation.evaluate import Evaluator, Models
 from flux3d.evaluation.protocols import eval_assets, sample_keys
-from flux3d.models.inference import load_model
+from flux3d.training.checkpoint import load_model
 
 
 def main() -> None:

@@ -94,12 +94,13 @@ def generate(
     """Image + sparse layout -> FLUX latents (SMDiT) -> Gaussians (decoder) -> a 3DGS .ply and a turntable."""
     import torch
 
+    from flux3d.features.vae import ConditionEncoder
     from flux3d.models.flow_matching import SamplerConfig
     from flux3d.models.gaussians import save_ply
     from flux3d.models.inference import generate as run_generate
-    from flux3d.models.inference import load_image, load_model, read_layout, save_turntable
+    from flux3d.models.inference import load_image, read_layout, save_turntable
     from flux3d.models.inference import turntable as render_turntable
-    from flux3d.training.smdit_step import ConditionEncoder
+    from flux3d.training.checkpoint import load_model
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))

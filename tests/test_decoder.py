@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from flux3d.shards.format import over_background
-from flux3d.training.config import apply_overrides
 from flux3d.models.decoder import GaussianDecoder
-from flux3d.models.inference import load_model
 from flux3d.models.rasterizer import rasterize
+from flux3d.shards.format import over_background
+from flux3d.training.checkpoint import load_model
+from flux3d.training.config import apply_overrides
 from flux3d.training.recipes import recipe
 from flux3d.training.telemetry import read_metrics
 from flux3d.training.trainer import fit

@@ -26,8 +26,8 @@ from flux3d.evaluation.protocols import (
     scaled,
     view_metrics,
 )
-from flux3d.training.config import TrainConfig
 from flux3d.models.inference import decode_gaussians
+from flux3d.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Evaluator:
         if self.generate:
             from flux3d.evaluation.extractors import clip_image_encoder, dinov2, inception_v3
             from flux3d.evaluation.metrics import FeatureStats
-            from flux3d.training.smdit_step import ConditionEncoder
+            from flux3d.features.vae import ConditionEncoder
 
             self.clip = clip_image_encoder(cfg.clip_model, cfg.clip_weights or None,
                                            model_config=cfg.clip_model_config or None, allow_random=random_ok)
@@ -177,7 +177,7 @@ def evaluate(cfg: EvalConfig, decoder_run: str, smdit_run: str | None, out: str,
 
     from flux3d.evaluation.report import write_report
     from flux3d.training import checkpoint as ckpt_io
-    from flux3d.models.inference import load_model
+    from flux3d.training.checkpoint import load_model
 
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))

@@ -14,7 +14,10 @@ Images go in as (N, 3, H, W) floats in [0, 1]; latents come out as (N, 16, H/8, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch  # annotations only: importing this module must not load torch
 
 TAEF1_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=16, encoder_block_out_channels=(64, 64, 64, 64),
                     decoder_block_out_channels=(64, 64, 64, 64), num_encoder_blocks=(1, 3, 3, 3),
@@ -110,3 +113,26 @@ class LatentEncoder:
             z = z / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
         with torch.inference_mode():
             return ((self.vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
+
+
+class ConditionEncoder:
+    """Conditioning images -> normalised FLUX latents (B, 16, h, w), with a frozen encoder loaded once."""
+
+    def __init__(self, name: str, location: str, resolution: int, device: torch.device) -> None:
+        self.name, self.location, self.resolution, self.device = name, location, resolution, device
+        self.encoder = None
+
+    def __call__(self, cond: torch.Tensor) -> torch.Tensor:
+        if cond.shape[1] != 3:
+            return cond.float()  # the shards hold latents already
+        if self.encoder is None:
+            if not self.location:
+                raise ValueError("the shards hold conditioning images: set flow.encoder_location (the FLUX encoder)")
+            self.encoder = LatentEncoder.load(self.name, self.location, device=str(self.device), dtype="auto")
+        import torch.nn.functional as F
+
+        if cond.shape[-1] != self.resolution or cond.shape[-2] != self.resolution:
+            cond = F.interpolate(cond, size=(self.resolution, self.resolution), mode="bilinear", antialias=True,
+                                 align_corners=False)
+        mu, _ = self.encoder.encode(cond)
+        return mu.to(cond.device)

@@ -16,31 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
-from flux3d.training import checkpoint as ckpt_io
-from flux3d.training.config import TrainConfig, from_dict
 from flux3d.models.decoder import GaussianDecoder
 from flux3d.models.flow_matching import SamplerConfig, sample
 from flux3d.models.gaussians import Gaussians
 from flux3d.models.rasterizer import rasterize
 from flux3d.models.smdit import SMDiT
 from flux3d.models.sparse import SparseBatch
-
-
-def load_model(path: str, which: str = "ema", device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:
-    """A trained model from a run directory (its newest checkpoint) or a checkpoint folder. `which` = ema (the
-    weights to evaluate, when the run kept an EMA) | model (the raw weights)."""
-    if which not in ("ema", "model"):
-        raise ValueError(f"which must be ema or model, got {which!r}")
-    run, ckpt = ckpt_io.resolve(path)
-    cfg: TrainConfig = from_dict(TrainConfig, ckpt.meta["config"])
-    model: nn.Module = GaussianDecoder(cfg.decoder) if cfg.kind == "decoder" else SMDiT(cfg.smdit)
-    model.load_state_dict(ckpt_io.load_weights(run, ckpt, "model"))
-    if which == "ema" and cfg.optim.ema_decay > 0:
-        missing, unexpected = model.load_state_dict(ckpt_io.load_weights(run, ckpt, "ema"), strict=False)
-        assert not unexpected, unexpected  # the EMA holds the trainable parameters; buffers come from `model`
-    return model.eval().to(device), cfg
 
 
 def read_layout(path: str) -> np.ndarray:

@@ -11,40 +11,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from flux3d.training.config import TrainConfig
-from flux3d.training.data import Batch
+from flux3d.features.vae import ConditionEncoder
 from flux3d.models.flow_matching import flow_matching_loss, logit_normal, normalize
 from flux3d.models.smdit import SMDiT
-from flux3d.training.step import Task, unwrap
+from flux3d.training.config import TrainConfig
+from flux3d.training.data import Batch
+from flux3d.training.step import Step, unwrap
 
 
-class ConditionEncoder:
-    """Conditioning images -> normalised FLUX latents (B, 16, h, w), with a frozen encoder loaded once."""
-
-    def __init__(self, name: str, location: str, resolution: int, device: torch.device) -> None:
-        self.name, self.location, self.resolution, self.device = name, location, resolution, device
-        self.encoder = None
-
-    def __call__(self, cond: torch.Tensor) -> torch.Tensor:
-        if cond.shape[1] != 3:
-            return cond.float()  # the shards hold latents already
-        if self.encoder is None:
-            from flux3d.features.vae import LatentEncoder
-
-            if not self.location:
-                raise ValueError("the shards hold conditioning images: set flow.encoder_location (the FLUX encoder)")
-            self.encoder = LatentEncoder.load(self.name, self.location, device=str(self.device), dtype="auto")
-        if cond.shape[-1] != self.resolution or cond.shape[-2] != self.resolution:
-            cond = F.interpolate(cond, size=(self.resolution, self.resolution), mode="bilinear", antialias=True,
-                                 align_corners=False)
-        mu, _ = self.encoder.encode(cond)
-        return mu.to(cond.device)
-
-
-class SMDiTTask(Task):
+class SMDiTStep(Step):
     needs_cond = True
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
@@ -94,8 +71,9 @@ class SMDiTTask(Task):
         from torchvision.utils import make_grid
 
         from flux3d.models.flow_matching import SamplerConfig
-        from flux3d.models.inference import generate, load_model
+        from flux3d.models.inference import generate
         from flux3d.models.rasterizer import render_views
+        from flux3d.training.checkpoint import load_model
 
         if self._decoder is None:
             self._decoder = load_model(self.cfg.run.decoder_run, device=self.device)[0]

@@ -1,7 +1,7 @@
 """What one training step is, per model: the part of the loop that differs (torchtitan's FluxTrainer overrides only
-its step). `trainer.train_loop` owns everything else.
+its step). `trainer.train_loop` owns everything else; `decoder_step` and `smdit_step` fill this base in.
 
-A task builds its model, its loader over the dataset version's shards, computes a step's loss from a `Batch`,
+A step builds its model, its loader over the dataset version's shards, computes a step's loss from a `Batch`,
 counts the step's work (samples, tokens, FLOPs for MFU) and draws the image grid TensorBoard shows.
 """
 
@@ -14,13 +14,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch import nn
-from torchvision.utils import make_grid
 
 from flux3d.training.config import TrainConfig
 from flux3d.training.data import Batch, make_loader, shard_urls
-from flux3d.models.decoder import GaussianDecoder
-from flux3d.models.gaussians import Gaussians
-from flux3d.models.rasterizer import render_views
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -42,7 +38,7 @@ def read_stats(version_dir: str) -> dict[str, Any]:
         raise ValueError(f"{path} does not exist: data.shards must be a complete dataset version") from e
 
 
-class Task:
+class Step:
     needs_cond = False
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
@@ -85,53 +81,3 @@ def _split_size(version_dir: str, split: str) -> int:
     with fsspec.open(f"{version_dir.rstrip('/')}/index.parquet", "rb") as f:
         table = pq.read_table(f, columns=["split"])
     return int(pc.sum(pc.equal(table["split"], split)).as_py() or 0)
-
-
-class DecoderTask(Task):
-    """Render the decoded Gaussians from the batch's supervision views; reconstruction loss against the renders."""
-
-    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
-        super().__init__(cfg, device)
-        from flux3d.training.losses import ReconstructionLoss
-
-        self.loss = ReconstructionLoss(cfg.loss).to(device)
-
-    def build_model(self) -> nn.Module:
-        model = GaussianDecoder(self.cfg.decoder)
-        model.set_runtime(self.cfg.scale.grad_checkpointing, self.cfg.scale.attention)
-        return model
-
-    def forward(self, model: nn.Module, batch: Batch, gen: torch.Generator | None) -> tuple[Any, list[Gaussians],
-                                                                                             torch.Tensor]:
-        v = batch.voxels
-        out = model(v.feats, v.coords, v.offsets, sigma_MC=batch.sigma if model.training else None, generator=gen)
-        gaussians = unwrap(model).to_gaussians(out.raw, v.coords, v.offsets)
-        B, V, _, H, W = batch.images.shape
-        pred = render_views(gaussians, batch.K, batch.w2c, H, W, batch.background)
-        return out, gaussians, pred
-
-    def step(self, model: nn.Module, batch: Batch, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
-        out, gaussians, pred = self.forward(model, batch, gen)
-        return self.loss(pred.flatten(0, 1), batch.images.flatten(0, 1), gaussians, out.kl)
-
-    def work(self, model: nn.Module, batch: Batch) -> dict[str, float]:
-        v = batch.voxels
-        flops = unwrap(model).flops(v.coords, v.offsets) if self.device.type == "cuda" else 0.0
-        return {"samples": float(v.batch_size), "tokens": float(v.coords.shape[0]), "flops": flops}
-
-    def images(self, model: nn.Module, batch: Batch) -> torch.Tensor | None:
-        """Row 1: targets, row 2: renders (first view of up to 4 assets)."""
-        was = model.training
-        model.eval()
-        _, _, pred = self.forward(model, batch, None)
-        model.train(was)
-        n = min(4, pred.shape[0])
-        return make_grid(torch.cat([batch.images[:n, 0], pred[:n, 0].clamp(0, 1)]), nrow=n)
-
-
-def make_task(cfg: TrainConfig, device: torch.device) -> Task:
-    if cfg.kind == "decoder":
-        return DecoderTask(cfg, device)
-    from flux3d.training.smdit_step import SMDiTTask
-
-    return SMDiTTask(cfg, device)
