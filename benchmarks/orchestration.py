@@ -28,7 +28,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 def wait_stage(cfg, storage, catalog, cost=0.0, n=0):
     from flux3d.records import OK, StageResult
-    from flux3d.runner import Stage
+    from flux3d.executors.local import Stage
 
     def apply(_, row):
         if cost:
@@ -53,8 +53,8 @@ def main() -> None:
     from flux3d.catalog import Catalog
     from flux3d.config import load_config
     from flux3d.flows import stages
-    from flux3d.flows.executor import connect
-    from flux3d.runner import run_local
+    from flux3d.executors.ray import connect
+    from flux3d.executors.local import run_local
     from flux3d.storage import Storage
 
     connect(None, num_cpus=1, dashboard=False)

@@ -165,7 +165,7 @@ def test_shard_run_packs_the_catalogs_kept_assets(encoded_box):
     from flux3d.catalog import Catalog
     from flux3d.features.encode import FEATURE_COLUMNS, encode_params
     from flux3d.records import OK, AssetRecord, StageResult
-    from flux3d.shard_run import run_shard
+    from flux3d.pipeline.shard import run_shard
     from flux3d.shards.format import decode_image, decode_sample
     from flux3d.stages.render import RENDER_COLUMNS
     from flux3d.stages.voxelize import VOXEL_COLUMNS, voxelize_params

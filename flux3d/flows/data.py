@@ -16,8 +16,8 @@ from prefect.cache_policies import NONE
 from flux3d.catalog import Catalog
 from flux3d.config import Config, load_config
 from flux3d.flows.artifacts import publish_curation, publish_reproduction, publish_shards
-from flux3d.flows.executor import connect, ray_ordered_map
-from flux3d.flows.stages import BUILDERS, run_stage_flow
+from flux3d.executors.ray import connect, ray_ordered_map
+from flux3d.flows.stage import BUILDERS, run_stage_flow
 from flux3d.storage import Storage
 
 
@@ -30,7 +30,7 @@ def flow_config(root: str, config: str | None, recipe: str | None, ray_address: 
 
 @task(name="list-sources", cache_policy=NONE)
 def list_task(cfg: Config, sources: list[str]) -> dict[str, int]:
-    from flux3d.ingest import list_sources
+    from flux3d.pipeline.ingest import list_sources
 
     storage = Storage(cfg.storage.root)
     storage.sweep_tmp("catalog")  # the stages sweep their own folders (Stage.sweep)
@@ -39,7 +39,7 @@ def list_task(cfg: Config, sources: list[str]) -> dict[str, int]:
 
 @task(name="curation-report", cache_policy=NONE)
 def curation_report_task(cfg: Config) -> dict[str, Any]:
-    from flux3d.curate_run import curate_params, curation_table
+    from flux3d.pipeline.curate import curate_params, curation_table
     from flux3d.curation.policy import effective_rule
     from flux3d.curation.report import write_report
 
@@ -64,7 +64,7 @@ def reproduction_task(cfg: Config) -> dict[str, Any] | None:
 @task(name="shard", cache_policy=NONE)
 def shard_task(cfg: Config) -> dict[str, Any]:
     """Shards of every kept, encoded asset; sample preparation (image encoding) fans out over Ray."""
-    from flux3d.shard_run import kept_rows, run_shard
+    from flux3d.pipeline.shard import kept_rows, run_shard
 
     storage = Storage(cfg.storage.root)
     catalog = Catalog(storage)

@@ -15,7 +15,7 @@ from prefect.cache_policies import NONE
 
 from flux3d.config import Config
 from flux3d.flows.data import flow_config
-from flux3d.flows.executor import connect
+from flux3d.executors.ray import connect
 from flux3d.storage import Storage
 
 

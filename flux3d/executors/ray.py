@@ -28,7 +28,7 @@ import ray
 
 from flux3d.catalog import stage_key
 from flux3d.records import FAILED, StageResult
-from flux3d.runner import Stage
+from flux3d.executors.local import Stage
 
 log = logging.getLogger(__name__)
 

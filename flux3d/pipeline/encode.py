@@ -6,7 +6,7 @@ from flux3d.catalog import Catalog
 from flux3d.config import Config
 from flux3d.features.encode import FEATURE_COLUMNS, encode_asset, encode_params
 from flux3d.features.vae import LatentEncoder
-from flux3d.runner import Stage, StageRun, gpu_request, run_local
+from flux3d.executors.local import Stage, StageRun, gpu_request, run_local
 from flux3d.storage import Storage
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from flux3d.catalog import Catalog
 from flux3d.records import StageResult
-from flux3d.runner import Stage
+from flux3d.executors.local import Stage
 
 
 def _plain(value: Any) -> Any:

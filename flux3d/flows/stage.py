@@ -24,16 +24,16 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flux3d.catalog import Catalog
 from flux3d.config import Config
-from flux3d.curate_run import curate_stage, score_stage
-from flux3d.encode_run import encode_stage
+from flux3d.pipeline.curate import curate_stage, score_stage
+from flux3d.pipeline.encode import encode_stage
 from flux3d.flows.artifacts import publish_stage
-from flux3d.flows.executor import StageSetupError, connect, run_units
-from flux3d.flows.journal import Journal, replay
-from flux3d.ingest import download_stage, inspect_stage
-from flux3d.render_run import render_stage
-from flux3d.runner import Stage, StageRun, table_rows, unit_rows
+from flux3d.executors.ray import StageSetupError, connect, run_units
+from flux3d.executors.journal import Journal, replay
+from flux3d.pipeline.ingest import download_stage, inspect_stage
+from flux3d.pipeline.render import render_stage
+from flux3d.executors.local import Stage, StageRun, table_rows, unit_rows
 from flux3d.storage import Storage
-from flux3d.voxelize_run import voxelize_stage
+from flux3d.pipeline.voxelize import voxelize_stage
 
 BUILDERS: dict[str, Callable[[Config, Storage, Catalog], Stage]] = {
     "download": download_stage, "inspect": inspect_stage, "render": render_stage, "score": score_stage,
