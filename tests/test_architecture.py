@@ -84,3 +84,16 @@ def test_models_never_import_training_or_the_pipeline():
     offenders = [f"{name} imports {d}" for name, deps in _graph().items() if name.startswith("flux3d.models")
                  for d in deps if d.startswith(("flux3d.training", "flux3d.flows", "flux3d.evaluation"))]
     assert not offenders, offenders
+
+
+def test_every_node_declares_what_its_stage_carries(tmp_path):
+    """The registry's params and columns are the built stage's (building needs no model: setup is lazy)."""
+    from flux3d.config import load_config
+    from flux3d.pipeline.registry import STAGES, build
+
+    cfg = load_config(None, {"storage.root": str(tmp_path)})
+    for name, node in STAGES.items():
+        stage, _ = build(name, cfg)
+        assert stage.name == name
+        assert stage.params == node.params(cfg), name
+        assert stage.columns == node.columns, name

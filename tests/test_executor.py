@@ -15,8 +15,8 @@ import pytest
 
 from flux3d.catalog import Catalog
 from flux3d.flows.pipeline import gate
+from flux3d.pipeline.stage import Stage
 from flux3d.records import OK, StageResult
-from flux3d.executors.local import Stage
 from flux3d.storage import Storage
 
 pytestmark = pytest.mark.integration
@@ -54,7 +54,7 @@ def _stage(**kw) -> Stage:
 
 def _run(stage: Stage, keys: list[str]) -> dict[str, StageResult]:
     from flux3d.executors.ray import run_units
-    from flux3d.executors.local import unit_rows
+    from flux3d.pipeline.stage import unit_rows
 
     out = {}
     for results in run_units(stage, unit_rows(stage, [{"sha256": k} for k in keys])):

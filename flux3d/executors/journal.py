@@ -17,8 +17,8 @@ import uuid
 from typing import Any
 
 from flux3d.catalog import Catalog
+from flux3d.pipeline.stage import Stage
 from flux3d.records import StageResult
-from flux3d.executors.local import Stage
 
 
 def _plain(value: Any) -> Any:

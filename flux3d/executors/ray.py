@@ -27,8 +27,8 @@ from typing import Any
 import ray
 
 from flux3d.catalog import stage_key
+from flux3d.pipeline.stage import Stage
 from flux3d.records import FAILED, StageResult
-from flux3d.executors.local import Stage
 
 log = logging.getLogger(__name__)
 

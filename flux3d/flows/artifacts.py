@@ -13,7 +13,7 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flux3d.config import Config
-from flux3d.executors.local import StageRun
+from flux3d.pipeline.stage import StageRun
 from flux3d.storage import Storage
 
 

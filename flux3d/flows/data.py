@@ -15,9 +15,10 @@ from prefect.cache_policies import NONE
 
 from flux3d.catalog import Catalog
 from flux3d.config import Config, load_config
-from flux3d.flows.artifacts import publish_curation, publish_reproduction, publish_shards
 from flux3d.executors.ray import connect, ray_ordered_map
-from flux3d.flows.stage import BUILDERS, run_stage_flow
+from flux3d.flows.artifacts import publish_curation, publish_reproduction, publish_shards
+from flux3d.flows.stage import run_stage_flow
+from flux3d.pipeline.registry import STAGES
 from flux3d.storage import Storage
 
 
@@ -39,9 +40,9 @@ def list_task(cfg: Config, sources: list[str]) -> dict[str, int]:
 
 @task(name="curation-report", cache_policy=NONE)
 def curation_report_task(cfg: Config) -> dict[str, Any]:
-    from flux3d.pipeline.curate import curate_params, curation_table
     from flux3d.curation.policy import effective_rule
     from flux3d.curation.report import write_report
+    from flux3d.pipeline.curate import curate_params, curation_table
 
     storage = Storage(cfg.storage.root)
     summary = write_report(curation_table(Catalog(storage)), cfg, storage, curate_params(cfg),
@@ -93,7 +94,7 @@ def data_flow(root: str, sources: list[str] | None = None, config: str | None = 
         get_run_logger().info("Ray dashboard: %s", dashboard)
     listed = list_task(cfg, list(sources or []))
     stages = {}
-    for name in BUILDERS:
+    for name in STAGES:
         stages[name] = run_stage_flow(name, cfg)
         if name == "curate" and (stages[name]["processed"] or not _has_report(cfg)):
             curation_report_task(cfg)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -22,30 +21,12 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flux3d.catalog import Catalog
 from flux3d.config import Config
-from flux3d.pipeline.curate import curate_stage, score_stage
-from flux3d.pipeline.encode import encode_stage
-from flux3d.flows.artifacts import publish_stage
-from flux3d.executors.ray import StageSetupError, connect, run_units
 from flux3d.executors.journal import Journal, replay
-from flux3d.pipeline.ingest import download_stage, inspect_stage
-from flux3d.pipeline.render import render_stage
-from flux3d.executors.local import Stage, StageRun, table_rows, unit_rows
-from flux3d.storage import Storage
-from flux3d.pipeline.voxelize import voxelize_stage
-
-BUILDERS: dict[str, Callable[[Config, Storage, Catalog], Stage]] = {
-    "download": download_stage, "inspect": inspect_stage, "render": render_stage, "score": score_stage,
-    "curate": curate_stage, "voxelize": voxelize_stage, "encode": encode_stage,
-}
-"""The per-asset stages of the data flow, in order. A stage landing later plugs in here."""
-
-
-def build(name: str, cfg: Config) -> tuple[Stage, Catalog]:
-    storage = Storage(cfg.storage.root)
-    catalog = Catalog(storage)
-    return BUILDERS[name](cfg, storage, catalog), catalog
+from flux3d.executors.ray import StageSetupError, connect, run_units
+from flux3d.flows.artifacts import publish_stage
+from flux3d.pipeline.registry import build
+from flux3d.pipeline.stage import StageRun, table_rows, unit_rows
 
 
 def infra_error(task: Any, task_run: Any, state: Any) -> bool:

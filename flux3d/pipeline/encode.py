@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from flux3d.catalog import Catalog
 from flux3d.config import Config
+from flux3d.executors.local import run_local
 from flux3d.features.encode import FEATURE_COLUMNS, encode_asset, encode_params
 from flux3d.features.vae import LatentEncoder
-from flux3d.executors.local import Stage, StageRun, gpu_request, run_local
+from flux3d.pipeline.stage import Stage, StageRun, gpu_request
 from flux3d.storage import Storage
 
 

@@ -19,8 +19,9 @@ import requests
 
 from flux3d.catalog import Catalog, as_record
 from flux3d.config import Config
+from flux3d.executors.local import run_local
+from flux3d.pipeline.stage import Stage, StageRun
 from flux3d.records import StageResult, params_hash
-from flux3d.executors.local import Stage, StageRun, run_local
 from flux3d.sources import list_source, parse_spec
 from flux3d.stages.download import DOWNLOAD_COLUMNS, download_asset, download_params
 from flux3d.stages.inspect import INSPECT_COLUMNS, INSPECT_VERSION, inspect_asset

@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 from flux3d.catalog import Catalog
 from flux3d.config import Config
+from flux3d.executors.local import run_local
+from flux3d.pipeline.stage import Stage, StageRun, gpu_request
 from flux3d.records import StageResult
-from flux3d.executors.local import Stage, StageRun, gpu_request, run_local
 from flux3d.stages.render import RENDER_COLUMNS, render_asset, render_params, render_views
 from flux3d.storage import Storage
 
