@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flux3d.catalog import Catalog
-from flux3d.config import Config, load_config
+from flux3d.config.pipeline import Config, load_config
 from flux3d.pipeline.curate import curate
 from flux3d.demo import make_demo_models
 from flux3d.pipeline.encode import run_encode

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from flux3d.catalog import Catalog
-from flux3d.config import CurateConfig, RenderConfig
+from flux3d.config.pipeline import CurateConfig, RenderConfig
 from flux3d.curation.heuristic import texture_fractions
 from flux3d.curation.policy import Evidence, heuristic_flag
 from flux3d.demo import _textured_box_glb

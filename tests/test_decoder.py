@@ -21,8 +21,8 @@ from flux3d.models.decoder import GaussianDecoder
 from flux3d.models.rasterizer import rasterize
 from flux3d.shards.format import over_background
 from flux3d.training.checkpoint import load_model
-from flux3d.training.config import apply_overrides
-from flux3d.training.recipes import recipe
+from flux3d.config.training import apply_overrides
+from flux3d.config.training_recipes import recipe
 from flux3d.training.telemetry import read_metrics
 from flux3d.training.trainer import fit
 from tests.datasets import SHARED, build_dataset, render_frames

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from flux3d.config import Config, EncodeConfig, RenderConfig, VoxelizeConfig
+from flux3d.config.pipeline import Config, EncodeConfig, RenderConfig, VoxelizeConfig
 from flux3d.features.encode import encode_asset, flatten
 from flux3d.features.vae import TAEF1_CONFIG, LatentEncoder
 from flux3d.stages.render import render_asset

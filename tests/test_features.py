@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flux3d.config import RenderConfig
+from flux3d.config.pipeline import RenderConfig
 from flux3d.curation.aesthetic import composite
 from flux3d.demo import _textured_box_glb
 from flux3d.features.vae import LatentEncoder, load_taef1

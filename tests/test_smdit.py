@@ -14,8 +14,8 @@ from flux3d.models.rasterizer import rasterize
 from flux3d.models.smdit import SMDiT, SMDiTConfig
 from flux3d.models.sparse import SparseBatch
 from flux3d.training.checkpoint import load_model
-from flux3d.training.config import apply_overrides
-from flux3d.training.recipes import recipe
+from flux3d.config.training import apply_overrides
+from flux3d.config.training_recipes import recipe
 from flux3d.training.telemetry import read_metrics
 from flux3d.training.trainer import fit
 from tests.datasets import SHARED, TAEF1, build_dataset

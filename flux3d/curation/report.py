@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from flux3d.config import Config
+from flux3d.config.pipeline import Config
 from flux3d.curation.policy import aesthetic_threshold
 from flux3d.storage import Storage
 

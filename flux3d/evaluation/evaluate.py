@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flux3d.evaluation.config import EvalConfig
+from flux3d.config.evaluation import EvalConfig
 from flux3d.evaluation.protocols import (
     AssetResult,
     EvalAsset,
@@ -27,7 +27,7 @@ from flux3d.evaluation.protocols import (
     view_metrics,
 )
 from flux3d.models.inference import decode_gaussians
-from flux3d.training.config import TrainConfig
+from flux3d.config.training import TrainConfig
 
 log = logging.getLogger(__name__)
 

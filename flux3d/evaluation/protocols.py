@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from flux3d.evaluation.config import EvalConfig
+from flux3d.config.evaluation import EvalConfig
 from flux3d.shards.format import decode_image, decode_sample, over_background
 from flux3d.models.gaussians import Gaussians
 from flux3d.models.rasterizer import render_views

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from flux3d.config import Config
+from flux3d.config.pipeline import Config
 from flux3d.curation.aesthetic import BACKGROUNDS
 from flux3d.features.project import aggregate
 from flux3d.features.vae import LatentEncoder

@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flux3d.config import Config
+from flux3d.config.pipeline import Config
 from flux3d.pipeline.stage import StageRun
 from flux3d.storage import Storage
 

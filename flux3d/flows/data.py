@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flux3d.catalog import Catalog
-from flux3d.config import Config, load_config
+from flux3d.config.pipeline import Config, load_config
 from flux3d.executors.ray import connect, ray_ordered_map
 from flux3d.flows.artifacts import publish_curation, publish_reproduction, publish_shards
 from flux3d.flows.stage import run_stage_flow
@@ -87,7 +87,7 @@ def _has_report(cfg: Config) -> bool:
 def data_flow(root: str, sources: list[str] | None = None, config: str | None = None, recipe: str | None = None,
               ray_address: str | None = None) -> dict[str, Any]:
     """List `sources` (same specs as `flux3d ingest`) into the catalog at `root`, then run every data stage over
-    what is not done yet and build the shards. `config` is a TOML file; `recipe` a named one (`flux3d.recipes`)."""
+    what is not done yet and build the shards. `config` is a TOML file; `recipe` a named one (`flux3d.config.recipes`)."""
     cfg = flow_config(root, config, recipe, ray_address)
     dashboard = connect(cfg.flow.ray_address or None, cfg.flow.ray_num_cpus, cfg.flow.ray_dashboard)
     if dashboard:

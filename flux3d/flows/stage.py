@@ -21,7 +21,7 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flux3d.config import Config
+from flux3d.config.pipeline import Config
 from flux3d.executors.journal import Journal, replay
 from flux3d.executors.ray import StageSetupError, connect, run_units
 from flux3d.flows.artifacts import publish_stage

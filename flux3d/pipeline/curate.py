@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flux3d.catalog import Catalog, first_per_sha
-from flux3d.config import Config, section_params
+from flux3d.config.pipeline import Config, section_params
 from flux3d.curation.heuristic import texture_fractions
 from flux3d.curation.policy import Evidence, decide, effective_rule, needs_vlm
 from flux3d.curation.vlm import PROMPT_VERSION, VLMError, VLMJudge, view_grid

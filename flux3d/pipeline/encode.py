@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flux3d.catalog import Catalog
-from flux3d.config import Config
+from flux3d.config.pipeline import Config
 from flux3d.executors.local import run_local
 from flux3d.features.encode import FEATURE_COLUMNS, encode_asset, encode_params
 from flux3d.features.vae import LatentEncoder

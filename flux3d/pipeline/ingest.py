@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import requests
 
 from flux3d.catalog import Catalog, as_record
-from flux3d.config import Config
+from flux3d.config.pipeline import Config
 from flux3d.executors.local import run_local
 from flux3d.pipeline.stage import Stage, StageRun
 from flux3d.records import StageResult, params_hash

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from flux3d.catalog import Catalog
-from flux3d.config import Config
+from flux3d.config.pipeline import Config
 from flux3d.features.encode import FEATURE_COLUMNS, encode_params
 from flux3d.pipeline.curate import (
     CURATE_COLUMNS,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from flux3d.catalog import Catalog
-from flux3d.config import Config
+from flux3d.config.pipeline import Config
 from flux3d.executors.local import run_local
 from flux3d.pipeline.stage import Stage, StageRun, gpu_request
 from flux3d.records import StageResult

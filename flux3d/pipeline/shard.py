@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flux3d.catalog import Catalog, first_per_sha
-from flux3d.config import Config, section_params
+from flux3d.config.pipeline import Config, section_params
 from flux3d.features.encode import encode_params
 from flux3d.records import FAILED, OK, StageResult
 from flux3d.executors.local import ordered_map

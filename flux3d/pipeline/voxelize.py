@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flux3d.catalog import Catalog
-from flux3d.config import Config
+from flux3d.config.pipeline import Config
 from flux3d.executors.local import run_local
 from flux3d.pipeline.stage import Stage, StageRun
 from flux3d.stages.voxelize import VOXEL_COLUMNS, voxelize_asset, voxelize_params

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from flux3d.config import Config, section_params
+from flux3d.config.pipeline import Config, section_params
 from flux3d.features.encode import encode_params
 from flux3d.shards.format import encode_image, encode_sample
 from flux3d.shards.writer import Item, Sums, tar_bytes

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from flux3d.config import RenderConfig
+from flux3d.config.pipeline import RenderConfig
 from flux3d.stages.cameras import frame_record, view_set_cameras
 from flux3d.stages.inspect_common import find_file
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from flux3d.config import RenderConfig, section_params
+from flux3d.config.pipeline import RenderConfig, section_params
 from flux3d.curation.heuristic import magenta_mask
 from flux3d.isolation import run_isolated
 from flux3d.records import FAILED, OK, StageResult, params_hash

@@ -36,7 +36,7 @@ from torch import nn
 from flux3d.models.decoder import GaussianDecoder
 from flux3d.models.smdit import SMDiT
 from flux3d.storage import Storage
-from flux3d.training.config import TrainConfig, from_dict
+from flux3d.config.training import TrainConfig, from_dict
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from flux3d.training.config import TrainConfig
+from flux3d.config.training import TrainConfig
 from flux3d.training.data import Batch, make_loader, shard_urls
 
 

@@ -69,8 +69,8 @@ def eval_config(recipe: str, sets: list[str] | None = None) -> EvalConfig:
     """A recipe with `key=value` overrides (TOML values), as `flux3d evaluate --set` and `[evaluate] set` give them."""
     import dataclasses
 
-    from flux3d.config import build_dataclass
-    from flux3d.training.config import parse_value
+    from flux3d.config.pipeline import build_dataclass
+    from flux3d.config.training import parse_value
 
     data = dataclasses.asdict(eval_recipe(recipe))
     for o in sets or []:

@@ -2,7 +2,7 @@
 
 - `paper`: the defaults, which are the paper's settings (150/24/10 views at 512/1024/512 px, 64^3 voxels, FLUX VAE).
 - `debug`: the same pipeline at toy sizes, so a whole run takes CPU seconds per asset (CI, laptops), with the
-  training and evaluation recipes of the same name (flux3d.training.recipes, flux3d.evaluation.config).
+  training and evaluation recipes of the same name (flux3d.config.training_recipes, flux3d.config.evaluation).
 """
 
 from __future__ import annotations

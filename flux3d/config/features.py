@@ -1,4 +1,4 @@
-"""Config sections of the feature half of the data pipeline: voxelize, encode, shard (see config.py for how a
+"""Config sections of the feature half of the data pipeline: voxelize, encode, shard (see config/pipeline.py for how a
 TOML file maps onto them)."""
 
 from __future__ import annotations

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flux3d.config_features import BACKGROUNDS, EncodeConfig, ShardConfig, VoxelizeConfig
-from flux3d.config_flow import FlowConfig
-from flux3d.config_sources import SourcesConfig
-from flux3d.config_train import EvaluateSection, TrainSection
+from flux3d.config.features import BACKGROUNDS, EncodeConfig, ShardConfig, VoxelizeConfig
+from flux3d.config.flow import FlowConfig
+from flux3d.config.sources import SourcesConfig
+from flux3d.config.model_flow import EvaluateSection, TrainSection
 
 
 @dataclass(kw_only=True, slots=True)
@@ -365,9 +365,9 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                 recipe: str | None = None) -> Config:
-    """Load a TOML config file (None = all defaults) over a named recipe (`flux3d.recipes`), then apply dotted
+    """Load a TOML config file (None = all defaults) over a named recipe (`flux3d.config.recipes`), then apply dotted
     overrides like {"storage.root": "/tmp/r"}."""
-    from flux3d.recipes import recipe as named
+    from flux3d.config.recipes import recipe as named
 
     data: dict[str, Any] = named(recipe) if recipe else {}
     if path is not None:

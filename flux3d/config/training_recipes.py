@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from flux3d.training.config import (
+from flux3d.config.training import (
     DataConfig,
     DecoderConfig,
     FlowMatchingConfig,

@@ -1,6 +1,6 @@
 """Config sections of the model half of the pipeline flow: `[train]` (which training recipes run on each new dataset
-version, and the overrides on top; the recipes are `flux3d.training.recipes`) and `[evaluate]` (the evaluation
-recipe, `flux3d.evaluation.config`)."""
+version, and the overrides on top; the recipes are `flux3d.config.training_recipes`) and `[evaluate]` (the evaluation
+recipe, `flux3d.config.evaluation`)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class TrainSection:
 @dataclass(kw_only=True, slots=True)
 class EvaluateSection:
     recipe: str = "paper"
-    """Evaluation recipe (debug | paper; flux3d.evaluation.config) the pipeline's evaluate node runs."""
+    """Evaluation recipe (debug | paper; flux3d.config.evaluation) the pipeline's evaluate node runs."""
     set: list[str] = field(default_factory=list)
     """Overrides: ["assets=200", "lpips_backbone=/weights/vgg16.pth", ...]."""
 
