@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def bench_ingest(assets: str) -> None:
-    from flux3d.config.pipeline import load_config
+    from flux3d.config.load import load_config
     from flux3d.pipeline.ingest import ingest
 
     with tempfile.TemporaryDirectory() as root:

@@ -51,7 +51,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from flux3d.catalog import Catalog
-    from flux3d.config.pipeline import load_config
+    from flux3d.config.load import load_config
     from flux3d.executors.local import run_local
     from flux3d.executors.ray import connect
     from flux3d.flows import stage

@@ -11,7 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from flux3d.config.pipeline import Config, load_config
+from flux3d.config.load import load_config
+from flux3d.config.pipeline import Config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="FLUX3D data and training pipeline.")
 

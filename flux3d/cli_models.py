@@ -32,7 +32,7 @@ def _logging() -> None:
 def train_config(kind: str, recipe: str, shards: str | None, out: str | None, sets: list[str] | None,
                  workers: int | None):  # noqa: ANN201 - TrainConfig
     from flux3d.config.training import apply_overrides
-    from flux3d.config.training_recipes import recipe as named
+    from flux3d.config.recipes import train_recipe as named
 
     overrides = list(sets or [])
     if shards:
@@ -140,7 +140,7 @@ def evaluate(
 ) -> None:
     """Reconstruction, generation and multi-view metrics of trained models, written as a report
     (report.json / .md / .html, grid.png) with the paper's published numbers beside them."""
-    from flux3d.config.evaluation import eval_config
+    from flux3d.config.recipes import eval_config
     from flux3d.evaluation.evaluate import evaluate as run_evaluate
     from flux3d.storage import Storage
 

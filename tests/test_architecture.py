@@ -88,7 +88,7 @@ def test_models_never_import_training_or_the_pipeline():
 
 def test_every_node_declares_what_its_stage_carries(tmp_path):
     """The registry's params and columns are the built stage's (building needs no model: setup is lazy)."""
-    from flux3d.config.pipeline import load_config
+    from flux3d.config.load import load_config
     from flux3d.pipeline.registry import STAGES, build
 
     cfg = load_config(None, {"storage.root": str(tmp_path)})

@@ -22,7 +22,7 @@ from flux3d.models.rasterizer import rasterize
 from flux3d.shards.format import over_background
 from flux3d.training.checkpoint import load_model
 from flux3d.config.training import apply_overrides
-from flux3d.config.training_recipes import recipe
+from flux3d.config.recipes import train_recipe as recipe
 from flux3d.training.telemetry import read_metrics
 from flux3d.training.trainer import fit
 from tests.datasets import SHARED, build_dataset, render_frames

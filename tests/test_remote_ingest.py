@@ -13,7 +13,7 @@ import pandas as pd
 import trimesh
 
 from flux3d.catalog import Catalog
-from flux3d.config.pipeline import load_config
+from flux3d.config.load import load_config
 from flux3d.demo import _textured_box_glb
 from flux3d.pipeline.ingest import ingest
 from flux3d.storage import Storage

@@ -16,7 +16,8 @@ import trimesh
 from PIL import Image
 
 from flux3d.catalog import Catalog
-from flux3d.config.pipeline import RenderConfig, load_config
+from flux3d.config.load import load_config
+from flux3d.config.pipeline import RenderConfig
 from flux3d.demo import _checker, _textured_box_glb
 from flux3d.pipeline.ingest import ingest
 from flux3d.pipeline.render import run_render

@@ -15,7 +15,7 @@ from flux3d.models.smdit import SMDiT, SMDiTConfig
 from flux3d.models.sparse import SparseBatch
 from flux3d.training.checkpoint import load_model
 from flux3d.config.training import apply_overrides
-from flux3d.config.training_recipes import recipe
+from flux3d.config.recipes import train_recipe as recipe
 from flux3d.training.telemetry import read_metrics
 from flux3d.training.trainer import fit
 from tests.datasets import SHARED, TAEF1, build_dataset

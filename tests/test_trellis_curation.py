@@ -16,9 +16,9 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from flux3d.catalog import Catalog
-from flux3d.config.pipeline import load_config
-from flux3d.pipeline.curate import SCORE_COLUMNS, curate_params, curation_table, run_curate
+from flux3d.config.load import load_config
 from flux3d.curation.report import write_report
+from flux3d.pipeline.curate import SCORE_COLUMNS, curate_params, curation_table, run_curate
 from flux3d.pipeline.ingest import list_sources
 from flux3d.records import OK, StageResult
 from flux3d.reproduction import COLUMNS, reproduction_report

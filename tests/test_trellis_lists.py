@@ -17,7 +17,7 @@ import pytest
 import trimesh
 
 from flux3d.catalog import Catalog
-from flux3d.config.pipeline import load_config
+from flux3d.config.load import load_config
 from flux3d.demo import _checker, _sphere_obj, _textured_box_glb
 from flux3d.pipeline.ingest import ingest, list_sources, run_download
 from flux3d.storage import Storage

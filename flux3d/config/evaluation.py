@@ -1,5 +1,4 @@
-"""Typed configuration of an evaluation run, with named recipes (`debug`: a few assets, few sampler steps, random
-feature networks allowed; `paper`: the Toys4k protocol of the paper, 1,000 assets, 50 steps, real weights)."""
+"""Typed configuration of an evaluation run; its named recipes are `recipes.eval_paper` and `recipes.eval_debug`."""
 
 from __future__ import annotations
 
@@ -53,30 +52,3 @@ class EvalConfig:
             raise ValueError("evaluate.assets, sampler_steps, metric_views and multiview_views must be >= 1")
         if self.resolution < 16 or self.kd_subsets < 1 or self.kd_subset_size < 2:
             raise ValueError("evaluate.resolution >= 16, kd_subsets >= 1, kd_subset_size >= 2")
-
-
-def eval_recipe(name: str) -> EvalConfig:
-    if name == "paper":
-        return EvalConfig()
-    if name == "debug":
-        return EvalConfig(split="all", assets=4, sampler_steps=10, resolution=64, metric_views=2, multiview_views=8,
-                          allow_random_extractors=True, kd_subsets=10, kd_subset_size=4,
-                          dinov2_variant="vits14")
-    raise ValueError(f"unknown evaluation recipe {name!r}; known: debug, paper")
-
-
-def eval_config(recipe: str, sets: list[str] | None = None) -> EvalConfig:
-    """A recipe with `key=value` overrides (TOML values), as `flux3d evaluate --set` and `[evaluate] set` give them."""
-    import dataclasses
-
-    from flux3d.config.pipeline import build_dataclass
-    from flux3d.config.training import parse_value
-
-    data = dataclasses.asdict(eval_recipe(recipe))
-    for o in sets or []:
-        key, sep, value = o.partition("=")
-        if not sep or key not in data:
-            raise ValueError(f"evaluation override {o!r}: expected key=value with key one of {sorted(data)}")
-        data[key] = parse_value(value)
-    return build_dataclass(EvalConfig, data, "evaluate")
-

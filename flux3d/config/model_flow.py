@@ -1,5 +1,5 @@
 """Config sections of the model half of the pipeline flow: `[train]` (which training recipes run on each new dataset
-version, and the overrides on top; the recipes are `flux3d.config.training_recipes`) and `[evaluate]` (the evaluation
+version, and the overrides on top; the recipes are `flux3d.config.recipes`) and `[evaluate]` (the evaluation
 recipe, `flux3d.config.evaluation`)."""
 
 from __future__ import annotations

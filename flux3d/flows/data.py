@@ -14,7 +14,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flux3d.catalog import Catalog
-from flux3d.config.pipeline import Config, load_config
+from flux3d.config.load import load_config
+from flux3d.config.pipeline import Config
 from flux3d.executors.ray import connect, ray_ordered_map
 from flux3d.flows.artifacts import publish_curation, publish_reproduction, publish_shards
 from flux3d.flows.stage import run_stage_flow

@@ -19,7 +19,7 @@ from flux3d.storage import Storage
 
 @task(name="evaluate-models", cache_policy=NONE)
 def evaluate_task(cfg: Config, version: str) -> dict[str, Any]:
-    from flux3d.config.evaluation import eval_config
+    from flux3d.config.recipes import eval_config
     from flux3d.evaluation.evaluate import evaluate
     from flux3d.flows.artifacts import thumbnail
     from flux3d.training import checkpoint as ckpt_io

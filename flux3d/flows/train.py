@@ -22,7 +22,7 @@ from flux3d.storage import Storage
 def run_config(cfg: Config, kind: str, version: str):  # noqa: ANN201 - TrainConfig
     """The TrainConfig a pipeline's model node runs: its recipe, the shards of `version`, its run directory."""
     from flux3d.config.training import apply_overrides
-    from flux3d.config.training_recipes import recipe
+    from flux3d.config.recipes import train_recipe as recipe
 
     storage = Storage(cfg.storage.root)
     t = cfg.train
