@@ -89,7 +89,7 @@ def status(root: RootOpt = None, config: ConfigOpt = None,
            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Counts per stage and state, and per reason for everything not ok."""
     from flux3d.catalog import Catalog
-    from flux3d.reproduction import reproduction_markdown, reproduction_report
+    from flux3d.pipeline.reproduction import reproduction_markdown, reproduction_report
     from flux3d.storage import Storage
 
     cfg = _config(config, root)

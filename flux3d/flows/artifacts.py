@@ -72,7 +72,7 @@ def publish_shards(version: str, stats: dict[str, Any]) -> None:
 
 def publish_reproduction(report: dict[str, Any]) -> None:
     """How far each of TRELLIS-500K's lists got, beside TRELLIS's published counts (as `flux3d status` prints)."""
-    from flux3d.reproduction import reproduction_markdown
+    from flux3d.pipeline.reproduction import reproduction_markdown
 
     create_markdown_artifact("### Reproducing TRELLIS-500K's lists\n\n" + reproduction_markdown(report),
                              key="reproduction", description="per published list: listed ... kept")

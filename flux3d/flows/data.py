@@ -55,7 +55,7 @@ def curation_report_task(cfg: Config) -> dict[str, Any]:
 @task(name="reproduction-report", cache_policy=NONE)
 def reproduction_task(cfg: Config) -> dict[str, Any] | None:
     """The per-list reproduction counts, when the catalog holds TRELLIS-500K lists (`trellis:` sources)."""
-    from flux3d.reproduction import reproduction_report
+    from flux3d.pipeline.reproduction import reproduction_report
 
     report = reproduction_report(Catalog(Storage(cfg.storage.root)))
     if report is not None:
