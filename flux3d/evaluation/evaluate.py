@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from flux3d.config.evaluation import EvalConfig
+from flux3d.config.training import TrainConfig
 from flux3d.evaluation.protocols import (
     AssetResult,
     EvalAsset,
@@ -27,7 +28,6 @@ from flux3d.evaluation.protocols import (
     view_metrics,
 )
 from flux3d.models.inference import decode_gaussians
-from flux3d.config.training import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Evaluator:
             self.cond_encoder = ConditionEncoder(f.encoder, f.encoder_location, f.cond_resolution, device)
 
     def asset(self, a: EvalAsset) -> AssetResult:
-        from flux3d.stages.render import spread
+        from flux3d.stages.render_layout import spread
 
         cfg, R, bg = self.cfg, self.cfg.resolution, self.bg
         res, rng = AssetResult(a.key), rng_for(cfg, a.key)

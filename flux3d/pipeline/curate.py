@@ -30,8 +30,8 @@ from flux3d.curation.vlm import PROMPT_VERSION, VLMError, VLMJudge, view_grid
 from flux3d.executors.local import run_local
 from flux3d.pipeline.stage import Stage, StageRun, gpu_request
 from flux3d.records import FAILED, OK, REJECTED, StageResult, Timer, params_hash
-from flux3d.stages.blender_render import view_sets
-from flux3d.stages.render import load_views, render_params
+from flux3d.stages.render import render_params
+from flux3d.stages.render_layout import load_views, view_sets
 from flux3d.storage import Storage
 
 SCORE_VERSION = 1
