@@ -25,9 +25,8 @@ import pyarrow as pa
 from flux3d.config.pipeline import Config
 from flux3d.curation.aesthetic import BACKGROUNDS
 from flux3d.features.project import aggregate
-from flux3d.features.vae import LatentEncoder
+from flux3d.features.vae import LatentEncoder, over_background
 from flux3d.records import FAILED, OK, StageResult, params_hash
-from flux3d.shards.format import over_background
 from flux3d.stages.render_layout import load_views, view_sets
 from flux3d.storage import Storage
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     import torch  # annotations only: importing this module must not load torch
 
@@ -25,6 +27,15 @@ TAEF1_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=16, encoder_b
                     upsampling_scaling_factor=2, latent_magnitude=3, latent_shift=0.5, scaling_factor=1.0,
                     shift_factor=0.0, force_upcast=False)
 FLUX_HUB_ID = "black-forest-labs/FLUX.1-schnell"
+
+
+def over_background(rgba: np.ndarray, background: Any) -> np.ndarray:
+    """(..., H, W, 4) uint8 straight-alpha RGBA -> (..., 3, H, W) float32 in [0, 1] over a uniform background (a
+    grey level or an RGB triple in [0, 1]); the one compositing rule of encoding and training."""
+    x = rgba.astype(np.float32) / 255
+    bg = np.asarray(background, np.float32)
+    rgb = x[..., :3] * x[..., 3:] + bg * (1 - x[..., 3:])
+    return np.ascontiguousarray(np.moveaxis(rgb, -1, -3))
 
 
 def _bare_state(path: str) -> dict[str, Any]:

@@ -50,7 +50,7 @@ def load_image(path: str, resolution: int, background: float = 1.0) -> torch.Ten
     """(1, 3, R, R) in [0, 1]: RGBA composited over a uniform background (as the conditioning renders are)."""
     from PIL import Image
 
-    from flux3d.shards.format import over_background
+    from flux3d.features.vae import over_background
 
     image = Image.open(path).convert("RGBA").resize((resolution, resolution), Image.Resampling.LANCZOS)
     return torch.from_numpy(over_background(np.asarray(image), background))[None]

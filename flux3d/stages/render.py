@@ -35,11 +35,10 @@ import numpy as np
 import pyarrow as pa
 
 from flux3d.config.pipeline import RenderConfig, section_params
-from flux3d.curation.heuristic import magenta_mask
 from flux3d.isolation import run_isolated
 from flux3d.records import FAILED, OK, StageResult, params_hash
 from flux3d.stages.blender_render import RenderError, render_scene
-from flux3d.stages.render_layout import render_rel, view_sets
+from flux3d.stages.render_layout import magenta_mask, render_rel, view_sets
 from flux3d.storage import TMP_MARK, Storage
 
 RENDER_VERSION = 1

@@ -1,5 +1,7 @@
 """The render folder contract: where an asset's renders live and how a reader gets views back, apart from the
 Blender code that writes them. Readers (curation, encode, shards, evaluation) import this, never Blender's module.
+It also says what a missing texture looks like in a render (Blender draws an unresolved image as magenta), which
+render validation and curation's heuristic both test for.
 
     renders/<sha>/views<N>/, cond<N>/, curation<N>/    each with NNN.png and transforms.json (render.py says more)
 """
@@ -47,3 +49,10 @@ def load_views(storage: Storage, render_dir: str, folder: str, limit: int | None
         with storage.fs.open(f"{render_dir}/{folder}/{frame['file_path']}", "rb") as f:
             out.append(np.asarray(Image.open(f).convert("RGBA")))
     return out
+
+
+def magenta_mask(rgb: np.ndarray) -> np.ndarray:
+    """Boolean mask of missing-texture magenta in an (..., 3) float image in [0, 1]."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    lo = np.minimum(r, b)
+    return (lo > 0.15) & (g < 0.35 * lo) & (np.abs(r - b) < 0.3 * np.maximum(r, b))
