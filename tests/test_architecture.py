@@ -97,3 +97,14 @@ def test_every_node_declares_what_its_stage_carries(tmp_path):
         assert stage.name == name
         assert stage.params == node.params(cfg), name
         assert stage.columns == node.columns, name
+
+
+def test_per_asset_code_never_reads_the_catalog_and_training_never_reads_stages():
+    offenders = []
+    for name, deps in _graph().items():
+        room = name.split(".")[1] if "." in name else ""
+        if room in ENGINE_FREE:
+            offenders += [f"{name} imports {d}" for d in deps if d == "flux3d.catalog" or d.startswith("flux3d.pipeline")]
+        if room == "training":
+            offenders += [f"{name} imports {d}" for d in deps if d.startswith("flux3d.stages")]
+    assert not offenders, offenders
