@@ -33,7 +33,8 @@ def _imports(name: str, path: pathlib.Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
             found.add(base)
             # `from flux3d.x import y` imports the module flux3d.x.y when y is one
             found.update(f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in known)
@@ -104,7 +105,8 @@ def test_per_asset_code_never_reads_the_catalog_and_training_never_reads_stages(
     for name, deps in _graph().items():
         room = name.split(".")[1] if "." in name else ""
         if room in ENGINE_FREE:
-            offenders += [f"{name} imports {d}" for d in deps if d == "flux3d.catalog" or d.startswith("flux3d.pipeline")]
+            offenders += [f"{name} imports {d}" for d in deps
+                          if d == "flux3d.catalog" or d.startswith("flux3d.pipeline")]
         if room == "training":
             offenders += [f"{name} imports {d}" for d in deps if d.startswith("flux3d.stages")]
     assert not offenders, offenders
