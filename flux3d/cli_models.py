@@ -31,8 +31,8 @@ def _logging() -> None:
 
 def train_config(kind: str, recipe: str, shards: str | None, out: str | None, sets: list[str] | None,
                  workers: int | None):  # noqa: ANN201 - TrainConfig
-    from flux3d.config.training import apply_overrides
     from flux3d.config.recipes import train_recipe as named
+    from flux3d.config.training import apply_overrides
 
     overrides = list(sets or [])
     if shards:

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from flux3d.config.recipes import train_recipe as recipe
+from flux3d.config.training import TrainConfig, apply_overrides, from_dict
 from flux3d.demo import make_demo_assets
 from flux3d.storage import Storage
 from flux3d.training import checkpoint as ckpt_io
 from flux3d.training.checkpoint import load_model
-from flux3d.config.training import TrainConfig, apply_overrides, from_dict
-from flux3d.config.recipes import train_recipe as recipe
 from flux3d.training.telemetry import read_metrics
 from flux3d.training.trainer import fit
 from tests.datasets import build_dataset

@@ -20,8 +20,8 @@ from flux3d.config.load import load_config
 from flux3d.curation.report import write_report
 from flux3d.pipeline.curate import SCORE_COLUMNS, curate_params, curation_table, run_curate
 from flux3d.pipeline.ingest import list_sources
-from flux3d.records import OK, StageResult
 from flux3d.pipeline.reproduction import COLUMNS, reproduction_report
+from flux3d.records import OK, StageResult
 from flux3d.stages.download import DOWNLOAD_COLUMNS
 from flux3d.stages.inspect import INSPECT_COLUMNS
 from flux3d.stages.render import RENDER_COLUMNS

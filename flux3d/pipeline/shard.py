@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 
 from flux3d.catalog import Catalog, first_per_sha
 from flux3d.config.pipeline import Config, section_params
+from flux3d.executors.local import ordered_map
 from flux3d.features.encode import encode_params
 from flux3d.records import FAILED, OK, StageResult
-from flux3d.executors.local import ordered_map
 from flux3d.shards.build import SampleError, dataset_version, make_item, split_of
 from flux3d.shards.writer import Item, ShardSet, Sums
 from flux3d.storage import Storage

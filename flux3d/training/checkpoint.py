@@ -33,10 +33,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from flux3d.config.training import TrainConfig, from_dict
 from flux3d.models.decoder import GaussianDecoder
 from flux3d.models.smdit import SMDiT
 from flux3d.storage import Storage
-from flux3d.config.training import TrainConfig, from_dict
 
 log = logging.getLogger(__name__)
 

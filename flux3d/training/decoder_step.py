@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from torchvision.utils import make_grid
 
+from flux3d.config.training import TrainConfig
 from flux3d.models.decoder import GaussianDecoder
 from flux3d.models.gaussians import Gaussians
 from flux3d.models.rasterizer import render_views
-from flux3d.config.training import TrainConfig
 from flux3d.training.data import Batch
 from flux3d.training.step import Step, unwrap
 

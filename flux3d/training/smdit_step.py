@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from flux3d.config.training import TrainConfig
 from flux3d.features.vae import ConditionEncoder
 from flux3d.models.flow_matching import flow_matching_loss, logit_normal, normalize
 from flux3d.models.smdit import SMDiT
-from flux3d.config.training import TrainConfig
 from flux3d.training.data import Batch
 from flux3d.training.step import Step, unwrap
 

@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from flux3d.config.training import TrainConfig, from_dict
 from flux3d.storage import Storage
 from flux3d.training import checkpoint as ckpt_io
-from flux3d.config.training import TrainConfig, from_dict
 from flux3d.training.decoder_step import DecoderStep
 from flux3d.training.smdit_step import SMDiTStep
 from flux3d.training.step import Step, unwrap
