@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, TypeVar
 
-from flux3d.pipeline.stage import Stage, StageRun, table_rows
+from flux3d.pipeline.stage import Stage, StageSummary, table_rows
 from flux3d.records import StageResult
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def run_local(stage: Stage, catalog: Catalog, *, batch_size: int, limit: int | None = None) -> StageRun:
+def run_local(stage: Stage, catalog: Catalog, *, batch_size: int, limit: int | None = None) -> StageSummary:
     """Run what `stage` still has to do (at most `limit` assets) in this process; `setup` only if there is work.
     Results are committed every `batch_size` assets (every batch for a batched stage)."""
     def commit(results: list[StageResult]) -> None:
@@ -39,7 +39,7 @@ def run_local(stage: Stage, catalog: Catalog, *, batch_size: int, limit: int | N
     if limit is not None:
         todo = todo.slice(0, limit)
     if not todo.num_rows:
-        return StageRun(stage.name)
+        return StageSummary(stage.name)
     model = stage.setup() if stage.setup is not None else None
     if stage.batch:
         return run_batched(stage.name, lambda rows: stage.apply(model, rows), table_rows(todo),
@@ -68,13 +68,13 @@ def _bounded(fn: Callable[[T], StageResult], items: Iterable[T], workers: int) -
 
 
 def run_stage(stage: str, fn: Callable[[T], StageResult], items: Iterable[T], *, workers: int, batch_size: int,
-              commit: Callable[[list[StageResult]], object]) -> StageRun:
+              commit: Callable[[list[StageResult]], object]) -> StageSummary:
     """Apply `fn` to every item; call `commit` with every `batch_size` results (and the rest at the end).
 
     `fn` must turn every per-asset failure into a result; an exception escaping it is a bug and stops the run
     (the batches committed so far stay committed, and a re-run resumes after them).
     """
-    run = StageRun(stage)
+    run = StageSummary(stage)
     t0 = time.perf_counter()
     buffer: list[StageResult] = []
     for result in _bounded(fn, items, workers):
@@ -92,10 +92,10 @@ def run_stage(stage: str, fn: Callable[[T], StageResult], items: Iterable[T], *,
 
 
 def run_batched(stage: str, fn: Callable[[list[T]], list[StageResult]], items: Iterable[T], *, batch_size: int,
-                commit: Callable[[list[StageResult]], object]) -> StageRun:
+                commit: Callable[[list[StageResult]], object]) -> StageSummary:
     """Like `run_stage` for work that is batched by nature (a model's forward pass over many assets): `fn` takes
     `batch_size` items and returns one result per item; each batch is committed as it completes."""
-    run = StageRun(stage)
+    run = StageSummary(stage)
     t0 = time.perf_counter()
     it = iter(items)
     while batch := list(itertools.islice(it, batch_size)):

@@ -13,11 +13,11 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flux3d.config.pipeline import Config
-from flux3d.pipeline.stage import StageRun
+from flux3d.pipeline.stage import StageSummary
 from flux3d.storage import Storage
 
 
-def counts_table(run: StageRun) -> list[dict[str, Any]]:
+def counts_table(run: StageSummary) -> list[dict[str, Any]]:
     """One row per state, then one per `state:reason` that is not ok."""
     rows: list[dict[str, Any]] = [{"state": s, "reason": "", "assets": n} for s, n in sorted(run.states.items())]
     for key, n in sorted(run.reasons.items(), key=lambda kv: -kv[1]):
@@ -39,7 +39,7 @@ def thumbnail(storage: Storage, rel_or_path: str, width: int = 384) -> str:
     return f"![{rel_or_path.rsplit('/', 2)[-2]}](data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()})"
 
 
-def publish_stage(run: StageRun, cfg: Config, render_dirs: list[str]) -> None:
+def publish_stage(run: StageSummary, cfg: Config, render_dirs: list[str]) -> None:
     """Counts and throughput of one stage's run; for render, contact sheets of a few of the assets it rendered."""
     create_table_artifact(counts_table(run), key=f"{run.stage}-counts",
                           description=f"{run.stage}: assets by state and reason (this run)")

@@ -26,7 +26,7 @@ from flux3d.executors.journal import Journal, replay
 from flux3d.executors.ray import StageSetupError, connect, run_units
 from flux3d.flows.artifacts import publish_stage
 from flux3d.pipeline.registry import build
-from flux3d.pipeline.stage import StageRun, table_rows, unit_rows
+from flux3d.pipeline.stage import StageSummary, table_rows, unit_rows
 
 
 def infra_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -71,7 +71,7 @@ def run_batch(name: str, manifest: str, index: int, cfg: Config) -> dict[str, An
     stage, catalog = build(name, cfg)
     connect(cfg.flow.ray_address or None, cfg.flow.ray_num_cpus, cfg.flow.ray_dashboard)
     rows = catalog.drop_done(pq.read_table(io.BytesIO(catalog.storage.read_bytes(manifest))), name, stage.params)
-    run, samples = StageRun(name), []
+    run, samples = StageSummary(name), []
     journal = Journal(catalog, stage, cfg.flow.commit_every)
     t0 = time.perf_counter()
     try:
@@ -91,7 +91,7 @@ def stage_flow(name: str, cfg: Config) -> dict[str, Any]:
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or time.strftime("%Y%m%dT%H%M%S"))
     manifests = plan_stage(name, cfg, run_id)
-    total, samples = StageRun(name), []
+    total, samples = StageSummary(name), []
     if not manifests:
         logger.info("%s: nothing to do", name)
         return {**asdict(total), "samples": samples}

@@ -28,7 +28,7 @@ from flux3d.curation.heuristic import texture_fractions
 from flux3d.curation.policy import Evidence, decide, effective_rule, needs_vlm
 from flux3d.curation.vlm import PROMPT_VERSION, VLMError, VLMJudge, view_grid
 from flux3d.executors.local import run_local
-from flux3d.pipeline.stage import Stage, StageRun, gpu_request
+from flux3d.pipeline.stage import Stage, StageSummary, gpu_request
 from flux3d.records import FAILED, OK, REJECTED, StageResult, Timer, params_hash
 from flux3d.stages.render import render_params
 from flux3d.stages.render_layout import load_views, view_sets
@@ -138,7 +138,7 @@ def score_stage(cfg: Config, storage: Storage, catalog: Catalog, scorer: Any = N
 
 
 def run_score(cfg: Config, storage: Storage, catalog: Catalog, scorer: Any = None,
-              limit: int | None = None) -> StageRun:
+              limit: int | None = None) -> StageSummary:
     """Score every rendered asset not yet scored with these params; the scorer is loaded once, only if needed."""
     return run_local(score_stage(cfg, storage, catalog, scorer), catalog, batch_size=cfg.ingest.batch_size,
                      limit=limit)
@@ -223,7 +223,7 @@ def curate_stage(cfg: Config, storage: Storage, catalog: Catalog, judge: VLMJudg
 
 
 def run_curate(cfg: Config, storage: Storage, catalog: Catalog, judge: VLMJudge | None = None,
-               limit: int | None = None) -> StageRun:
+               limit: int | None = None) -> StageSummary:
     """Decide every scored asset not yet decided under this policy (VLM calls `vlm.concurrency` at a time)."""
     return run_local(curate_stage(cfg, storage, catalog, judge), catalog, batch_size=cfg.ingest.batch_size,
                      limit=limit)
@@ -238,7 +238,7 @@ def curation_table(catalog: Catalog) -> pa.Table:
 
 
 def curate(cfg: Config, storage: Storage, catalog: Catalog, scorer: Any = None, judge: VLMJudge | None = None,
-           limit: int | None = None, report: bool = True) -> tuple[StageRun, StageRun, dict[str, Any] | None]:
+           limit: int | None = None, report: bool = True) -> tuple[StageSummary, StageSummary, dict[str, Any] | None]:
     """Score what is new, decide what is undecided under the current policy, then rewrite the report."""
     from flux3d.curation.report import write_report
 

@@ -7,7 +7,7 @@ from flux3d.config.pipeline import Config
 from flux3d.executors.local import run_local
 from flux3d.features.encode import FEATURE_COLUMNS, encode_asset, encode_params
 from flux3d.features.vae import LatentEncoder
-from flux3d.pipeline.stage import Stage, StageRun, gpu_request
+from flux3d.pipeline.stage import Stage, StageSummary, gpu_request
 from flux3d.storage import Storage
 
 
@@ -30,6 +30,6 @@ def encode_stage(cfg: Config, storage: Storage, catalog: Catalog, encoder: Laten
 
 
 def run_encode(cfg: Config, storage: Storage, catalog: Catalog, limit: int | None = None,
-               encoder: LatentEncoder | None = None) -> StageRun:
+               encoder: LatentEncoder | None = None) -> StageSummary:
     return run_local(encode_stage(cfg, storage, catalog, encoder), catalog, batch_size=cfg.ingest.batch_size,
                      limit=limit)

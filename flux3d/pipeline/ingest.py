@@ -20,7 +20,7 @@ import requests
 from flux3d.catalog import Catalog, as_record
 from flux3d.config.pipeline import Config
 from flux3d.executors.local import run_local
-from flux3d.pipeline.stage import Stage, StageRun
+from flux3d.pipeline.stage import Stage, StageSummary
 from flux3d.records import StageResult, params_hash
 from flux3d.sources import list_source, parse_spec
 from flux3d.stages.download import DOWNLOAD_COLUMNS, download_asset, download_params
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class IngestSummary:
     listed: dict[str, int] = field(default_factory=dict)
     """New or changed catalog rows per source spec."""
-    stages: list[StageRun] = field(default_factory=list)
+    stages: list[StageSummary] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -96,11 +96,11 @@ def inspect_stage(cfg: Config, storage: Storage, catalog: Catalog) -> Stage:
                  workers=cfg.inspect.workers, timeout_s=cfg.inspect.timeout_s * 2 + 60)
 
 
-def run_download(cfg: Config, storage: Storage, catalog: Catalog) -> StageRun:
+def run_download(cfg: Config, storage: Storage, catalog: Catalog) -> StageSummary:
     return run_local(download_stage(cfg, storage, catalog), catalog, batch_size=cfg.ingest.batch_size)
 
 
-def run_inspect(cfg: Config, storage: Storage, catalog: Catalog) -> StageRun:
+def run_inspect(cfg: Config, storage: Storage, catalog: Catalog) -> StageSummary:
     return run_local(inspect_stage(cfg, storage, catalog), catalog, batch_size=cfg.ingest.batch_size)
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from flux3d.catalog import Catalog
 from flux3d.config.pipeline import Config
 from flux3d.executors.local import run_local
-from flux3d.pipeline.stage import Stage, StageRun, gpu_request
+from flux3d.pipeline.stage import Stage, StageSummary, gpu_request
 from flux3d.records import StageResult
 from flux3d.stages.render import RENDER_COLUMNS, render_asset, render_params, render_views
 from flux3d.storage import Storage
@@ -36,7 +36,7 @@ def render_stage(cfg: Config, storage: Storage, catalog: Catalog, worker: Callab
 
 
 def run_render(cfg: Config, storage: Storage, catalog: Catalog, limit: int | None = None,
-               worker: Callable = render_views) -> StageRun:
+               worker: Callable = render_views) -> StageSummary:
     """Render up to `limit` pending assets (None = all)."""
     return run_local(render_stage(cfg, storage, catalog, worker), catalog, batch_size=cfg.ingest.batch_size,
                      limit=limit)

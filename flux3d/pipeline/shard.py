@@ -38,7 +38,7 @@ MapFn = Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]
 
 
 @dataclass
-class ShardRun:
+class ShardSummary:
     version: str
     path: str
     up_to_date: bool = False
@@ -63,7 +63,7 @@ def kept_rows(cfg: Config, catalog: Catalog) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["sha256"])
 
 
-def run_shard(cfg: Config, storage: Storage, catalog: Catalog, map_fn: MapFn | None = None) -> ShardRun:
+def run_shard(cfg: Config, storage: Storage, catalog: Catalog, map_fn: MapFn | None = None) -> ShardSummary:
     """`map_fn(fn, items)` prepares samples in input order (threads here; the flows pass a Ray fan-out)."""
     t0 = time.perf_counter()
     rows = kept_rows(cfg, catalog)
@@ -71,7 +71,7 @@ def run_shard(cfg: Config, storage: Storage, catalog: Catalog, map_fn: MapFn | N
         raise ValueError("no asset is ready to shard: run render, curate, voxelize and encode first")
     version = dataset_version(cfg, [r["sha256"] for r in rows])
     rel = f"shards/{version}"
-    run = ShardRun(version, storage.path(rel))
+    run = ShardSummary(version, storage.path(rel))
     if storage.exists(f"{rel}/stats.json"):
         run.up_to_date = True
         run.stats = json.loads(storage.read_bytes(f"{rel}/stats.json"))

@@ -1,4 +1,4 @@
-"""A catalog stage as data (`Stage`) and what one run of it did (`StageRun`), apart from what executes it.
+"""A catalog stage as data (`Stage`) and what one run of it did (`StageSummary`), apart from what executes it.
 
 A `Stage` says what is left to do (`plan`, from the catalog) and how to do one unit of it (`apply`, with what
 `setup` built once per worker), independent of what runs it: `executors.local` in this process, `executors.ray`
@@ -17,7 +17,7 @@ from flux3d.records import StageResult
 
 
 @dataclass(slots=True)
-class StageRun:
+class StageSummary:
     """What one stage did in one run: counts per state and reason, and throughput."""
 
     stage: str

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flux3d.catalog import Catalog
 from flux3d.config.pipeline import Config
 from flux3d.executors.local import run_local
-from flux3d.pipeline.stage import Stage, StageRun
+from flux3d.pipeline.stage import Stage, StageSummary
 from flux3d.stages.voxelize import VOXEL_COLUMNS, voxelize_asset, voxelize_params
 from flux3d.storage import Storage
 
@@ -21,5 +21,5 @@ def voxelize_stage(cfg: Config, storage: Storage, catalog: Catalog) -> Stage:
                  timeout_s=600.0)
 
 
-def run_voxelize(cfg: Config, storage: Storage, catalog: Catalog, limit: int | None = None) -> StageRun:
+def run_voxelize(cfg: Config, storage: Storage, catalog: Catalog, limit: int | None = None) -> StageSummary:
     return run_local(voxelize_stage(cfg, storage, catalog), catalog, batch_size=cfg.ingest.batch_size, limit=limit)
