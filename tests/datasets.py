@@ -12,15 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flux3d.catalog import Catalog
-from flux3d.config import Config, load_config
-from flux3d.curate_run import curate
+from flux3d.config.load import load_config
+from flux3d.config.pipeline import Config
 from flux3d.demo import make_demo_models
-from flux3d.encode_run import run_encode
-from flux3d.ingest import ingest
-from flux3d.render_run import run_render
-from flux3d.shard_run import run_shard
+from flux3d.pipeline.curate import curate
+from flux3d.pipeline.encode import run_encode
+from flux3d.pipeline.ingest import ingest
+from flux3d.pipeline.render import run_render
+from flux3d.pipeline.shard import run_shard
+from flux3d.pipeline.voxelize import run_voxelize
 from flux3d.storage import Storage
-from flux3d.voxelize_run import run_voxelize
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TAEF1 = SHARED / "weights" / "taef1_encoder.safetensors"

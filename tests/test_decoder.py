@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from flux3d.shards.format import over_background
-from flux3d.training.config import apply_overrides
-from flux3d.training.decoder import GaussianDecoder
-from flux3d.training.inference import load_model
-from flux3d.training.rasterizer import rasterize
-from flux3d.training.recipes import recipe
+from flux3d.config.recipes import train_recipe as recipe
+from flux3d.config.training import apply_overrides
+from flux3d.features.vae import over_background
+from flux3d.models.decoder import GaussianDecoder
+from flux3d.models.rasterizer import rasterize
+from flux3d.training.checkpoint import load_model
 from flux3d.training.telemetry import read_metrics
 from flux3d.training.trainer import fit
 from tests.datasets import SHARED, build_dataset, render_frames
@@ -42,7 +42,7 @@ def avocado(tmp_path_factory):
 
 def held_out(ds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """The render views the shards did not keep: K, w2c and images over black."""
-    from flux3d.stages.render import spread
+    from flux3d.stages.render_layout import spread
 
     (frames,) = render_frames(ds).values()
     kept = set(spread(len(frames), ds.cfg.shard.supervision_views))
@@ -55,7 +55,7 @@ def held_out(ds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.T
 
 
 def psnr(model: GaussianDecoder, ds, views) -> float:
-    from flux3d.training.sparse import SparseBatch
+    from flux3d.models.sparse import SparseBatch
 
     K, w2c, target, _ = views
     path = next((ds.root / "data" / "features").rglob("*.npz"))
