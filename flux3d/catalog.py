@@ -195,7 +195,14 @@ class Catalog:
         `result_columns` restricts what is read of each stage (e.g. ("state", "reason") for status); None = all.
         """
         merged = self.assets(asset_columns)
-        for stage in stages if stages is not None else self.stages():
+        stages = list(stages if stages is not None else self.stages())
+        if "download" not in stages and any(stage_key(s) == "sha256" for s in stages):
+            # Content stages are keyed by the downloaded hash; a listing may have none (Objaverse 1.0, bare URLs),
+            # so without download's hash those assets would never meet their render, curate or encode results.
+            link = self.results("download", ["sha256"], dedupe=False)
+            if link is not None and "sha256" in merged.column_names:
+                merged = _left_join(merged, link.select(["asset_id", "sha256"]), "asset_id")
+        for stage in stages:
             key = stage_key(stage)
             cols = result_columns
             if cols is not None and key == "asset_id":

@@ -19,15 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flux3d.catalog import Catalog
-from flux3d.config import Config, load_config
-from flux3d.curate_run import curate
+from flux3d.config.load import load_config
+from flux3d.config.pipeline import Config
 from flux3d.demo import make_demo_models
-from flux3d.encode_run import run_encode
-from flux3d.ingest import ingest
-from flux3d.render_run import run_render
-from flux3d.shard_run import run_shard
+from flux3d.pipeline.curate import curate
+from flux3d.pipeline.encode import run_encode
+from flux3d.pipeline.ingest import ingest
+from flux3d.pipeline.render import run_render
+from flux3d.pipeline.shard import run_shard
+from flux3d.pipeline.voxelize import run_voxelize
 from flux3d.storage import Storage
-from flux3d.voxelize_run import run_voxelize
 from tests.conftest import TAEF1
 
 
@@ -91,11 +92,11 @@ def synthetic_dataset(tmp: Path, assets: int, *, views: int = 8, resolution: int
     import numpy as np
     from PIL import Image
 
-    from flux3d.shard_run import finish
+    from flux3d.pipeline.shard import finish
     from flux3d.shards.build import dataset_version, make_item, split_of
     from flux3d.shards.writer import ShardSet
-    from flux3d.stages.blender_render import view_sets
     from flux3d.stages.cameras import frame_record, project, view_set_cameras
+    from flux3d.stages.render_layout import view_sets
 
     encode = encode or make_demo_models(str(tmp / "models"))["encode"]
     cfg = load_config(overrides={

@@ -88,6 +88,10 @@ def test_download_sha_supersedes_listed_sha(tmp_path):
     cat.write_results("inspect", "i", [StageResult(real, "ok", columns={"vertices": 3})], COLUMNS)
     row = cat.table().to_pylist()[0]
     assert (row["sha256"], row["inspect_state"], row["vertices"]) == (real, "ok", 3)
+    # Later stages ask for content stages only; the downloaded hash must still link the asset to them.
+    row = cat.table(["inspect"]).to_pylist()[0]
+    assert (row["sha256"], row["inspect_state"]) == (real, "ok")
+    assert cat.todo("render", "r", after=["inspect"])["sha256"].to_pylist() == [real]
 
 
 def test_readers_ignore_partial_files_and_sweep_removes_stale_ones(tmp_path):

@@ -12,11 +12,12 @@ import pytest
 from PIL import Image
 
 from flux3d.catalog import Catalog
-from flux3d.config import CurateConfig, RenderConfig
+from flux3d.config.pipeline import CurateConfig, RenderConfig
 from flux3d.curation.heuristic import texture_fractions
 from flux3d.curation.policy import Evidence, heuristic_flag
 from flux3d.demo import _textured_box_glb
-from flux3d.stages.render import load_views, render_asset
+from flux3d.stages.render import render_asset
+from flux3d.stages.render_layout import load_views
 from flux3d.storage import Storage
 from tests.conftest import ASSETS as SHARED
 from tests.conftest import TAEF1

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flux3d.config import CurateConfig, VLMConfig, load_config
+from flux3d.config.load import load_config
+from flux3d.config.pipeline import CurateConfig, VLMConfig
 from flux3d.curation.heuristic import texture_fractions
 from flux3d.curation.policy import Evidence, aesthetic_threshold, decide, effective_rule, needs_vlm
 from flux3d.curation.vlm import PROMPT, VLMError, VLMJudge, parse_answer, view_grid

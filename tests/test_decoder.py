@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from flux3d.shards.format import over_background
-from flux3d.training.config import apply_overrides
-from flux3d.training.decoder import DecoderConfig, GaussianDecoder
-from flux3d.training.inference import load_model
-from flux3d.training.rasterizer import rasterize
-from flux3d.training.recipes import recipe
+from flux3d.config.recipes import train_recipe as recipe
+from flux3d.config.training import apply_overrides
+from flux3d.features.vae import over_background
+from flux3d.models.decoder import DecoderConfig, GaussianDecoder
+from flux3d.models.rasterizer import rasterize
+from flux3d.training.checkpoint import load_model
 from flux3d.training.telemetry import read_metrics
 from flux3d.training.trainer import fit
 from tests.conftest import SHARED
@@ -41,7 +41,7 @@ def test_tiny_decoder_keeps_gaussians_in_their_voxels_and_assets_apart(sets):
     change another's Gaussians (attention stays within an asset), for the decoder and its ablations."""
     import dataclasses
 
-    from flux3d.training.sparse import SparseBatch
+    from flux3d.models.sparse import SparseBatch
 
     base = DecoderConfig()
     cfg = DecoderConfig(**{**TINY, **sets}, gaussians=dataclasses.replace(base.gaussians, resolution=16, per_voxel=4))
@@ -79,7 +79,7 @@ def avocado(tmp_path_factory):
 
 def held_out(ds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """The render views the shards did not keep: K, w2c and images over black."""
-    from flux3d.stages.render import spread
+    from flux3d.stages.render_layout import spread
 
     (frames,) = render_frames(ds).values()
     kept = set(spread(len(frames), ds.cfg.shard.supervision_views))
@@ -92,7 +92,7 @@ def held_out(ds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.T
 
 
 def psnr(model: GaussianDecoder, ds, views) -> float:
-    from flux3d.training.sparse import SparseBatch
+    from flux3d.models.sparse import SparseBatch
 
     K, w2c, target, _ = views
     path = next((ds.root / "data" / "features").rglob("*.npz"))

@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
+from flux3d.config.recipes import train_recipe as recipe
+from flux3d.config.training import apply_overrides
 from flux3d.evaluation.protocols import azimuth_views, sample_keys, scaled
 from flux3d.evaluation.report import better, gate_metrics
 from flux3d.stages.cameras import orbit_cameras, project
-from flux3d.training.config import apply_overrides
-from flux3d.training.recipes import recipe
 from flux3d.training.trainer import fit
 
 

@@ -16,7 +16,7 @@ import pytest
 import trimesh
 from PIL import Image
 
-from flux3d.config import InspectConfig
+from flux3d.config.pipeline import InspectConfig
 from flux3d.isolation import run_isolated
 from flux3d.sources import ASSET_EXTENSIONS
 from flux3d.stages.inspect import INSPECT_COLUMNS, inspect_asset, inspect_file

@@ -17,9 +17,9 @@ import pytest
 import torch
 import webdataset as wds
 
+from flux3d.models.sparse import SparseBatch
 from flux3d.shards.format import encode_image, encode_sample
 from flux3d.training.data import Batch, make_dataset, make_loader, shard_urls
-from flux3d.training.sparse import SparseBatch
 
 RES, COND_RES, VIEWS, CONDS = 32, 16, 3, 2
 

@@ -16,10 +16,11 @@ import trimesh
 from PIL import Image
 
 from flux3d.catalog import Catalog
-from flux3d.config import RenderConfig, load_config
+from flux3d.config.load import load_config
+from flux3d.config.pipeline import RenderConfig
 from flux3d.demo import _checker, _textured_box_glb
-from flux3d.ingest import ingest
-from flux3d.render_run import run_render
+from flux3d.pipeline.ingest import ingest
+from flux3d.pipeline.render import run_render
 from flux3d.stages.cameras import GL_TO_CV, project, sphere_hammersley, view_set_cameras
 from flux3d.stages.render import RENDER_COLUMNS, render_asset, render_params, render_views
 from flux3d.storage import TMP_MARK, Storage

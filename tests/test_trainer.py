@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from flux3d.config.recipes import train_recipe as recipe
+from flux3d.config.training import TrainConfig, apply_overrides, from_dict
 from flux3d.storage import Storage
 from flux3d.training import checkpoint as ckpt_io
-from flux3d.training.config import TrainConfig, apply_overrides, from_dict
-from flux3d.training.inference import load_model
-from flux3d.training.recipes import recipe
+from flux3d.training.checkpoint import load_model
 from flux3d.training.telemetry import read_metrics
 from flux3d.training.trainer import fit
 
@@ -116,7 +116,7 @@ def test_generate_writes_gaussians_on_the_given_layout(demo_ds, tmp_path):
 
     from PIL import Image
 
-    from flux3d.training.gaussians import PLY_PROPERTIES, load_ply
+    from flux3d.models.gaussians import PLY_PROPERTIES, load_ply
 
     for kind in ("decoder", "smdit"):
         fit(_cfg(kind, demo_ds, tmp_path / kind, **{"run.steps": 2, "run.ckpt_every": 2}), local=True)
