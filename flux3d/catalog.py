@@ -200,7 +200,7 @@ class Catalog:
             # Content stages are keyed by the downloaded hash; a listing may have none (Objaverse 1.0, bare URLs),
             # so without download's hash those assets would never meet their render, curate or encode results.
             link = self.results("download", ["sha256"], dedupe=False)
-            if link is not None and "sha256" in merged.column_names:
+            if link is not None and "sha256" in link.column_names and "sha256" in merged.column_names:
                 merged = _left_join(merged, link.select(["asset_id", "sha256"]), "asset_id")
         for stage in stages:
             key = stage_key(stage)
