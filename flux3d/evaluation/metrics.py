@@ -37,6 +37,7 @@ sets, F feature width, S subsets.
 from __future__ import annotations
 
 import warnings
+
 from dataclasses import dataclass
 
 import numpy as np
