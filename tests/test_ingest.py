@@ -86,6 +86,7 @@ def test_bad_spec_is_a_clear_error(tmp_path):
     assert res.returncode != 0 and "bad source spec" in res.stderr
 
 
+@pytest.mark.timeout(600)  # 127 assets inspected one at a time, twice over: past 300 s on a loaded 2-core machine
 def test_sigkill_midway_then_rerun_completes_without_duplicates(tmp_path):
     assets, root = tmp_path / "assets", str(tmp_path / "root")
     make_demo_assets(str(assets))

@@ -134,6 +134,8 @@ def test_published_scores_reproduce_the_lists_threshold_decisions(tmp_path):
 
 ARTIFACT_SCRIPT = """
 import json, sys
+from flux3d.flows.prefect_api import prepare_local_database
+prepare_local_database()  # a new Prefect home, as every flux3d entry point does before Prefect starts
 from prefect import flow
 from prefect.client.orchestration import get_client
 from flux3d.flows.artifacts import publish_reproduction
