@@ -263,5 +263,5 @@ def test_deployment_with_cron_runs_on_a_ray_cluster_joined_by_address(tmp_path, 
         os.killpg(serving.pid, signal.SIGTERM)
         serving.wait(timeout=60)
         stop_server(server)
-        stop_process_group(cluster)  # this cluster only: never `ray stop`, which ends every Ray of the machine
+        stop_process_group(cluster)  # its own process group only: no machine-wide Ray shutdown
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -20,12 +20,13 @@ import fcntl
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+
+from flux3d.storage import Storage
 
 STARTUP_TIMEOUT_S = "120"
 """Default for PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS when the user has not set it."""
@@ -63,7 +64,7 @@ def prepare_local_database(echo: Callable[[str], object] = print) -> float:
         t0 = time.monotonic()
         _migrate()
         seconds = time.monotonic() - t0
-        _write_atomic(marker, stamp)
+        Storage(str(home)).write_bytes(_READY, stamp.encode())
     return seconds
 
 
@@ -79,13 +80,6 @@ def _read(path: Path) -> str | None:
     with contextlib.suppress(FileNotFoundError):
         return path.read_text()
     return None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def start_server(host: str = "127.0.0.1", port: int = 4200, wait_s: float = 120.0,
