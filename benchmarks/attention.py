@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from flux3d.training.attention import (
+from flux3d.models.attention import (
     flash_attn_available,
     varlen_attention,
     varlen_attn_available,

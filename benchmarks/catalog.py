@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def bench_ingest(assets: str) -> None:
-    from flux3d.config import load_config
-    from flux3d.ingest import ingest
+    from flux3d.config.load import load_config
+    from flux3d.pipeline.ingest import ingest
 
     with tempfile.TemporaryDirectory() as root:
         cfg = load_config(overrides={"storage.root": root})

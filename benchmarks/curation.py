@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from flux3d.config import CurateConfig
+from flux3d.config.pipeline import CurateConfig
 from flux3d.curation.heuristic import texture_fractions
 
 HEAD = Path(__file__).resolve().parents[2] / "shared" / "weights" / "sac+logos+ava1-l14-linearMSE.pth"

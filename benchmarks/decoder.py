@@ -21,9 +21,9 @@ import time
 import numpy as np
 import torch
 
-from flux3d.training.decoder import DecoderConfig, GaussianDecoder
-from flux3d.training.gaussians import GaussianConfig
-from flux3d.training.sparse import SparseBatch
+from flux3d.models.decoder import DecoderConfig, GaussianDecoder
+from flux3d.models.gaussians import GaussianConfig
+from flux3d.models.sparse import SparseBatch
 from flux3d.training.telemetry import peak_flops
 
 
@@ -87,8 +87,8 @@ def packed_vs_padded(cfg: DecoderConfig, device: torch.device, sizes: list[int],
 
 
 def rasterizer(device: torch.device, voxels: int, per_voxel: int, res: int, repeat: int) -> None:
-    from flux3d.training.gaussians import gaussians_from_raw
-    from flux3d.training.rasterizer import rasterize
+    from flux3d.models.gaussians import gaussians_from_raw
+    from flux3d.models.rasterizer import rasterize
 
     print(f"\n3. rasterizer: {voxels} voxels x {per_voxel} Gaussians at {res} px")
     coords = torch.from_numpy(shell(voxels).astype(np.int64)).to(device)

@@ -30,7 +30,7 @@ import torch
 import trimesh
 from PIL import Image
 
-from flux3d.config_features import EncodeConfig
+from flux3d.config.features import EncodeConfig
 from flux3d.features.encode import encode_views
 from flux3d.features.project import aggregate, voxel_centres
 from flux3d.features.vae import TAEF1_CONFIG, LatentEncoder

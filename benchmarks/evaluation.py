@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from flux3d.evaluation.config import EvalConfig, eval_config
+from flux3d.config.evaluation import EvalConfig
+from flux3d.config.recipes import eval_config
 from flux3d.evaluation.evaluate import Evaluator, Models
 from flux3d.evaluation.protocols import eval_assets, sample_keys
-from flux3d.training.inference import load_model
+from flux3d.training.checkpoint import load_model
 
 
 def main() -> None:

@@ -27,8 +27,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
 def wait_stage(cfg, storage, catalog, cost=0.0, n=0):
+    from flux3d.pipeline.stage import Stage
     from flux3d.records import OK, StageResult
-    from flux3d.runner import Stage
 
     def apply(_, row):
         if cost:
@@ -51,10 +51,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from flux3d.catalog import Catalog
-    from flux3d.config import load_config
-    from flux3d.flows import stages
-    from flux3d.flows.executor import connect
-    from flux3d.runner import run_local
+    from flux3d.config.load import load_config
+    from flux3d.executors.local import run_local
+    from flux3d.executors.ray import connect
+    from flux3d.flows import stage
+    from flux3d.pipeline import registry
     from flux3d.storage import Storage
 
     connect(None, num_cpus=1, dashboard=False)
@@ -64,13 +65,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as root:
             cfg = load_config(None, {"storage.root": root, "flow.batch_size": batch,
                                      "flow.concurrent_batches": concurrent, "flow.commit_every": 64})
-            stages.BUILDERS["bench"] = lambda c, s, cat: wait_stage(c, s, cat, cost, n)
+            registry.STAGES["bench"] = registry.Node(lambda c, s, cat: wait_stage(c, s, cat, cost, n), lambda c: "", None)
             loop_catalog = Catalog(Storage(root + "/loop"))
             t0 = time.perf_counter()
             run_local(wait_stage(cfg, None, loop_catalog, cost, n), loop_catalog, batch_size=64)
             loop = time.perf_counter() - t0
             t0 = time.perf_counter()
-            out = stages.run_stage_flow("bench", cfg)
+            out = stage.run_stage_flow("bench", cfg)
             flow = time.perf_counter() - t0
             assert out["processed"] == n and Catalog(Storage(root)).results("bench").num_rows == n
         return loop, flow

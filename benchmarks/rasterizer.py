@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from flux3d.training.gaussians import GaussianConfig, Gaussians, gaussians_from_raw
-from flux3d.training.rasterizer import _contributing_pairs, project, rasterize
+from flux3d.models.gaussians import GaussianConfig, Gaussians, gaussians_from_raw
+from flux3d.models.rasterizer import _contributing_pairs, project, rasterize
 
 
 def shell_scene(num: int, device: str, seed: int = 0) -> Gaussians:

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flux3d.config import RenderConfig
+from flux3d.config.pipeline import RenderConfig
 from flux3d.stages.render import render_asset
 from flux3d.storage import Storage
 

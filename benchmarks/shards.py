@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flux3d.config import Config
-from flux3d.shard_run import finish
+from flux3d.config.pipeline import Config
+from flux3d.pipeline.shard import finish
 from flux3d.shards.build import _field_bytes
 from flux3d.shards.format import decode_image, encode_image, encode_sample
 from flux3d.shards.writer import Item, ShardSet, Sums, tar_bytes

@@ -11,7 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from flux3d.config import Config, load_config
+from flux3d.config.load import load_config
+from flux3d.config.pipeline import Config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="FLUX3D data and training pipeline.")
 
@@ -72,7 +73,7 @@ def ingest(
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """List sources into the catalog, then download and inspect everything not yet done."""
-    from flux3d.ingest import ingest as run_ingest
+    from flux3d.pipeline.ingest import ingest as run_ingest
 
     _setup_logging(verbose)
     cfg = _config(config, root, **{"ingest.limit": limit})
@@ -88,7 +89,7 @@ def status(root: RootOpt = None, config: ConfigOpt = None,
            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Counts per stage and state, and per reason for everything not ok."""
     from flux3d.catalog import Catalog
-    from flux3d.reproduction import reproduction_markdown, reproduction_report
+    from flux3d.pipeline.reproduction import reproduction_markdown, reproduction_report
     from flux3d.storage import Storage
 
     cfg = _config(config, root)
@@ -134,7 +135,7 @@ def render(root: RootOpt = None, config: ConfigOpt = None,
            verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False) -> None:
     """Render every inspect-ok asset not yet rendered (three view sets, cameras, mesh.ply), resumably."""
     from flux3d.catalog import Catalog
-    from flux3d.render_run import run_render
+    from flux3d.pipeline.render import run_render
     from flux3d.storage import Storage
 
     _setup_logging(verbose)
@@ -158,7 +159,7 @@ def curate(root: RootOpt = None, config: ConfigOpt = None,
            verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False) -> None:
     """Aesthetic + texture scores for every rendered asset, then keep/reject decisions and the curation report."""
     from flux3d.catalog import Catalog
-    from flux3d.curate_run import curate as run_curate
+    from flux3d.pipeline.curate import curate as run_curate
     from flux3d.storage import Storage
 
     _setup_logging(verbose)
@@ -178,7 +179,7 @@ def voxelize(root: RootOpt = None, config: ConfigOpt = None,
              limit: Annotated[Optional[int], typer.Option(help="Voxelize at most this many assets.")] = None,
              verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False) -> None:
     """Active 64^3 voxels of every kept asset's normalised mesh (voxels/<sha>.npy), resumably."""
-    from flux3d.voxelize_run import run_voxelize
+    from flux3d.pipeline.voxelize import run_voxelize
 
     _run_asset_stage(run_voxelize, config, root, limit, verbose)
 
@@ -188,7 +189,7 @@ def encode(root: RootOpt = None, config: ConfigOpt = None,
            limit: Annotated[Optional[int], typer.Option(help="Encode at most this many assets.")] = None,
            verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False) -> None:
     """FLUX latent feature volumes (DA-SLAT) of every voxelized asset (features/<encoder>/<sha>.npz), resumably."""
-    from flux3d.encode_run import run_encode
+    from flux3d.pipeline.encode import run_encode
 
     _run_asset_stage(run_encode, config, root, limit, verbose)
 
@@ -198,7 +199,7 @@ def shard(root: RootOpt = None, config: ConfigOpt = None,
           verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False) -> None:
     """Webdataset shards of every kept, encoded asset (shards/<version>/), resumably; prints the version."""
     from flux3d.catalog import Catalog
-    from flux3d.shard_run import run_shard
+    from flux3d.pipeline.shard import run_shard
     from flux3d.storage import Storage
 
     _setup_logging(verbose)

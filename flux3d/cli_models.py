@@ -31,8 +31,8 @@ def _logging() -> None:
 
 def train_config(kind: str, recipe: str, shards: str | None, out: str | None, sets: list[str] | None,
                  workers: int | None):  # noqa: ANN201 - TrainConfig
-    from flux3d.training.config import apply_overrides
-    from flux3d.training.recipes import recipe as named
+    from flux3d.config.recipes import train_recipe as named
+    from flux3d.config.training import apply_overrides
 
     overrides = list(sets or [])
     if shards:
@@ -94,12 +94,13 @@ def generate(
     """Image + sparse layout -> FLUX latents (SMDiT) -> Gaussians (decoder) -> a 3DGS .ply and a turntable."""
     import torch
 
-    from flux3d.training.flow_matching import SamplerConfig
-    from flux3d.training.gaussians import save_ply
-    from flux3d.training.inference import generate as run_generate
-    from flux3d.training.inference import load_image, load_model, read_layout, save_turntable
-    from flux3d.training.inference import turntable as render_turntable
-    from flux3d.training.smdit_task import ConditionEncoder
+    from flux3d.features.vae import ConditionEncoder
+    from flux3d.models.flow_matching import SamplerConfig
+    from flux3d.models.gaussians import save_ply
+    from flux3d.models.inference import generate as run_generate
+    from flux3d.models.inference import load_image, read_layout, save_turntable
+    from flux3d.models.inference import turntable as render_turntable
+    from flux3d.training.checkpoint import load_model
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -139,7 +140,7 @@ def evaluate(
 ) -> None:
     """Reconstruction, generation and multi-view metrics of trained models, written as a report
     (report.json / .md / .html, grid.png) with the paper's published numbers beside them."""
-    from flux3d.evaluation.config import eval_config
+    from flux3d.config.recipes import eval_config
     from flux3d.evaluation.evaluate import evaluate as run_evaluate
     from flux3d.storage import Storage
 

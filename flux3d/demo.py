@@ -137,9 +137,9 @@ def make_demo_models(folder: str) -> dict[str, dict[str, object]]:
 def write_demo_config(path: str, models: str, overrides: dict[str, dict[str, object]] | None = None) -> str:
     """The demo's run config at `path`: the `debug` recipe's sizes plus the demo models (made in `models`) plus
     `overrides`, as a TOML file a user can read."""
-    from flux3d.recipes import recipe
+    from flux3d.config.recipes import pipeline_changes
 
-    sections = recipe("debug")
+    sections = pipeline_changes("debug")
     for extra in (make_demo_models(models), overrides or {}):
         for name, values in extra.items():
             sections.setdefault(name, {}).update(values)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flux3d.training.attention import (
+from flux3d.models.attention import (
     flash_attn_available,
     resolve_backend,
     varlen_attention,

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from flux3d.config import load_config
+from flux3d.config.load import load_config
 from flux3d.records import StageResult
 from flux3d.sources import parse_spec
 from flux3d.sources.local import list_local

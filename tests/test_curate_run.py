@@ -12,18 +12,19 @@ import pytest
 from PIL import Image
 
 from flux3d.catalog import Catalog
-from flux3d.config import CurateConfig, RenderConfig
+from flux3d.config.pipeline import CurateConfig, RenderConfig
 from flux3d.curation.heuristic import texture_fractions
 from flux3d.curation.policy import Evidence, heuristic_flag
 from flux3d.demo import _textured_box_glb
-from flux3d.stages.render import load_views, render_asset
+from flux3d.stages.render import render_asset
+from flux3d.stages.render_layout import load_views
 from flux3d.storage import Storage
+from tests.conftest import ASSETS as SHARED
+from tests.conftest import TAEF1
 from tests.test_curation import HEAD, tiny_scorer_config
 from tests.test_ingest import flux3d
 from tests.vlm_server import serve_vlm
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets"
-TAEF1 = SHARED.parent / "weights" / "taef1_encoder.safetensors"
 pytestmark = [pytest.mark.integration, pytest.mark.shared_assets]
 
 

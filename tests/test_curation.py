@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flux3d.config import CurateConfig, VLMConfig, load_config
+from flux3d.config.load import load_config
+from flux3d.config.pipeline import CurateConfig, VLMConfig
 from flux3d.curation.heuristic import texture_fractions
 from flux3d.curation.policy import Evidence, aesthetic_threshold, decide, effective_rule, needs_vlm
 from flux3d.curation.vlm import PROMPT, VLMError, VLMJudge, parse_answer, view_grid
+from tests.conftest import WEIGHTS
 from tests.vlm_server import serve_vlm
 
-HEAD = Path(__file__).resolve().parents[2] / "shared" / "weights" / "sac+logos+ava1-l14-linearMSE.pth"
+HEAD = WEIGHTS / "sac+logos+ava1-l14-linearMSE.pth"
 TINY_CLIP = Path(__file__).resolve().parent / "fixtures" / "tiny_clip.json"
 CFG = CurateConfig()
 GOOD = dict(source="local", aesthetic=6.0, magenta_fraction=0.0, flat_fraction=0.2)

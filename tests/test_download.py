@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from flux3d.config import load_config
+from flux3d.config.load import load_config
 from flux3d.records import AssetRecord, make_asset_id
 from flux3d.stages.download import download_asset
 from flux3d.storage import Storage

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from flux3d.config import Config, EncodeConfig, RenderConfig, VoxelizeConfig
+from flux3d.config.pipeline import Config, EncodeConfig, RenderConfig, VoxelizeConfig
 from flux3d.features.encode import encode_asset, flatten
 from flux3d.features.vae import TAEF1_CONFIG, LatentEncoder
 from flux3d.stages.render import render_asset
 from flux3d.stages.voxelize import read_ply, voxelize_asset
 from flux3d.storage import Storage
+from tests.conftest import TAEF1
 
 FACE_COLOURS = np.array([[230, 30, 30], [30, 200, 40], [40, 60, 230], [240, 220, 30], [220, 40, 220],
                          [30, 220, 220]], dtype=np.uint8)  # -x, +x, -y, +y, -z, +z
@@ -43,7 +44,7 @@ def _six_colour_box_glb() -> bytes:
     return trimesh.Scene(mesh).export(file_type="glb")
 
 
-WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "taef1_encoder.safetensors"
+WEIGHTS = TAEF1
 
 
 def _encoder() -> LatentEncoder:
@@ -142,7 +143,7 @@ def encode_asset_with_flip(sha, render_dir, voxels_path, encoder, cfg, storage) 
     """Per-voxel mu from latents whose image x axis is mirrored: what a left-handed camera slip would give."""
     from flux3d.features.encode import encode_views
     from flux3d.features.project import aggregate
-    from flux3d.stages.render import load_views
+    from flux3d.stages.render_layout import load_views
 
     coords = np.load(io.BytesIO(storage.fs.cat_file(voxels_path)))
     t = json.loads(storage.fs.cat_file(f"{render_dir}/views16/transforms.json"))
@@ -164,8 +165,8 @@ def test_shard_run_packs_the_catalogs_kept_assets(encoded_box):
 
     from flux3d.catalog import Catalog
     from flux3d.features.encode import FEATURE_COLUMNS, encode_params
+    from flux3d.pipeline.shard import run_shard
     from flux3d.records import OK, AssetRecord, StageResult
-    from flux3d.shard_run import run_shard
     from flux3d.shards.format import decode_image, decode_sample
     from flux3d.stages.render import RENDER_COLUMNS
     from flux3d.stages.voxelize import VOXEL_COLUMNS, voxelize_params

@@ -1,5 +1,6 @@
 """The evaluation protocols and report: helpers checked against geometry, and `flux3d evaluate` on debug models
-trained on real shard samples, checked for completeness and consistency (debug-size numbers mean nothing)."""
+trained on a tiny synthetic dataset version (written by the project's shard builder, no Blender), checked for
+completeness and consistency (debug-size numbers mean nothing)."""
 
 from __future__ import annotations
 
@@ -14,15 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
+from flux3d.config.recipes import train_recipe as recipe
+from flux3d.config.training import apply_overrides
 from flux3d.evaluation.protocols import azimuth_views, sample_keys, scaled
 from flux3d.evaluation.report import better, gate_metrics
 from flux3d.stages.cameras import orbit_cameras, project
-from flux3d.training.config import apply_overrides
-from flux3d.training.recipes import recipe
 from flux3d.training.trainer import fit
-from tests.datasets import SHARED, TAEF1, build_dataset
-
-GOOD = SHARED / "assets" / "good"
 
 
 def test_azimuth_views_pick_the_nearest_distinct_cameras():
@@ -53,13 +51,14 @@ def test_gate_metrics_prefer_generation_and_directions():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    names = ["Avocado.glb", "BoxTextured.glb", "Suzanne.glb"]
-    if not all((GOOD / n).is_file() for n in names) or not TAEF1.is_file():
-        pytest.skip("needs ../shared/assets and the TAEF1 weights")
-    tmp = tmp_path_factory.mktemp("eval")
-    ds = build_dataset(tmp, [GOOD / n for n in names], views=16, resolution=64, voxels=32, supervision_views=16,
-                       cond_views=2, cond_resolution=64)
+def dataset(synthetic_shards):
+    return synthetic_shards(3, views=16, resolution=64, voxels=32, supervision_views=16, cond_views=2,
+                            cond_resolution=64)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, dataset):
+    tmp, ds = tmp_path_factory.mktemp("eval"), dataset
     base = {"data.shards": ds.version_dir, "run.image_every": 0, "run.steps": 40, "run.ckpt_every": 40}
     run = tmp / "runs" / "v"
     fit(apply_overrides(recipe("decoder", "debug"), {**base, "run.out": str(run / "decoder"),
@@ -81,11 +80,18 @@ def _evaluate(run, *extra: str) -> dict:
     return {"stdout": p.stdout}
 
 
-@pytest.mark.integration
-def test_evaluate_writes_a_complete_consistent_report(trained):
-    ds, run = trained
+@pytest.fixture(scope="module")
+def report(trained):
+    """`flux3d evaluate` once on the trained runs: the run folder, its stdout and report.json."""
+    _, run = trained
     out = _evaluate(run)["stdout"]
-    doc = json.loads((run / "eval" / "report.json").read_text())
+    return run, out, json.loads((run / "eval" / "report.json").read_text())
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)  # training, then `flux3d evaluate` subprocesses: minutes on 2 busy cores
+def test_evaluate_writes_a_complete_consistent_report(report):
+    run, out, doc = report
     s = doc["summary"]
     expected = {f"{p}_{m}" for p in ("recon", "gen") for m in ("psnr", "ssim", "lpips")} | {
         "gen_clip", "fd_inception", "kd_inception", "fd_dinov2", "kd_dinov2", "mv_psnr_mean", "mv_psnr_std"}
@@ -107,7 +113,13 @@ def test_evaluate_writes_a_complete_consistent_report(trained):
     assert grid.size == (6 * 66 + 2, 3 * 66 + 2)  # 3 assets x (input, ours, ours elsewhere, truth, recon pair)
     assert re.search(r"evaluated 3 assets", out)
 
-    # The same models again, against the first report: every random choice is seeded, so nothing changes.
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)  # training, then `flux3d evaluate` subprocesses: minutes on 2 busy cores
+def test_evaluate_again_reproduces_the_report_and_compares_with_it(report):
+    """The same models again, against the first report: every random choice is seeded, so nothing changes."""
+    run, _, doc = report
+    s = doc["summary"]
     _evaluate(run, "--out", str(run / "eval2"), "--previous", str(run / "eval" / "report.json"))
     again = json.loads((run / "eval2" / "report.json").read_text())
     for k, v in s.items():
@@ -116,9 +128,8 @@ def test_evaluate_writes_a_complete_consistent_report(trained):
     assert "Against the previous evaluation" in md2 and "+0" in md2
 
 
-@pytest.mark.integration
-def test_sample_keys_is_seeded_and_bounded(trained):
-    ds, _ = trained
+def test_sample_keys_is_seeded_and_bounded(dataset):
+    ds = dataset
     a = sample_keys(ds.version_dir, "all", 2, seed=0)
     assert a == sample_keys(ds.version_dir, "all", 2, seed=0) and len(a) == 2
     assert len(sample_keys(ds.version_dir, "all", 100, seed=0)) == 3

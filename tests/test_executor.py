@@ -15,8 +15,8 @@ import pytest
 
 from flux3d.catalog import Catalog
 from flux3d.flows.pipeline import gate
+from flux3d.pipeline.stage import Stage
 from flux3d.records import OK, StageResult
-from flux3d.runner import Stage
 from flux3d.storage import Storage
 
 pytestmark = pytest.mark.integration
@@ -41,7 +41,7 @@ def behave_batch(model, rows):
 def ray_local():
     import ray
 
-    from flux3d.flows.executor import connect
+    from flux3d.executors.ray import connect
 
     connect(None, num_cpus=2, dashboard=False)
     yield ray
@@ -53,8 +53,8 @@ def _stage(**kw) -> Stage:
 
 
 def _run(stage: Stage, keys: list[str]) -> dict[str, StageResult]:
-    from flux3d.flows.executor import run_units
-    from flux3d.runner import unit_rows
+    from flux3d.executors.ray import run_units
+    from flux3d.pipeline.stage import unit_rows
 
     out = {}
     for results in run_units(stage, unit_rows(stage, [{"sha256": k} for k in keys])):
@@ -85,7 +85,7 @@ def test_misbehaving_assets_are_contained(ray_local, actors):
 
 
 def test_batched_stage_and_setup_failure(ray_local):
-    from flux3d.flows.executor import StageSetupError
+    from flux3d.executors.ray import StageSetupError
 
     stage = Stage(name="score", params="p", columns=None, plan=lambda: None, apply=behave_batch,
                   setup=lambda: "scorer", batch=3, timeout_s=60.0)
@@ -101,7 +101,7 @@ def test_batched_stage_and_setup_failure(ray_local):
 
 def test_backpressure_never_exceeds_cluster_slots(ray_local):
     """2 CPUs and 1-CPU tasks: never more than 2 units submitted at once, however long the listing."""
-    from flux3d.flows.executor import run_units
+    from flux3d.executors.ray import run_units
 
     submitted = []
 
@@ -118,13 +118,13 @@ def test_backpressure_never_exceeds_cluster_slots(ray_local):
 
 
 def test_ray_ordered_map_keeps_order_and_every_item(ray_local):
-    from flux3d.flows.executor import ray_ordered_map
+    from flux3d.executors.ray import ray_ordered_map
 
     assert list(ray_ordered_map(lambda x: x * x, range(11), window=3)) == [x * x for x in range(11)]
 
 
 def _journal_then_die(root: str, keys: list[str], commit_first: int) -> None:
-    from flux3d.flows.journal import Journal
+    from flux3d.executors.journal import Journal
 
     journal = Journal(Catalog(Storage(root)), _stage(), commit_every=commit_first)
     journal.add([StageResult(k, OK, columns={}) for k in keys])
@@ -132,7 +132,7 @@ def _journal_then_die(root: str, keys: list[str], commit_first: int) -> None:
 
 
 def test_journal_replays_a_killed_writers_results_exactly_once(tmp_path):
-    from flux3d.flows.journal import Journal, replay
+    from flux3d.executors.journal import Journal, replay
 
     root = str(tmp_path / "root")
     catalog = Catalog(Storage(root))

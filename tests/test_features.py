@@ -10,14 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from flux3d.config import RenderConfig
+from flux3d.config.pipeline import RenderConfig
 from flux3d.curation.aesthetic import composite
 from flux3d.demo import _textured_box_glb
 from flux3d.features.vae import LatentEncoder, load_taef1
-from flux3d.stages.render import load_views, render_asset
+from flux3d.stages.render import render_asset
+from flux3d.stages.render_layout import load_views
 from flux3d.storage import Storage
+from tests.conftest import WEIGHTS
 
-WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 ENC, DEC = WEIGHTS / "taef1_encoder.safetensors", WEIGHTS / "taef1_decoder.safetensors"
 
 

@@ -22,8 +22,8 @@ from flux3d.catalog import Catalog
 from flux3d.demo import make_demo_assets, write_demo_config
 from flux3d.isolation import stop_process_group
 from flux3d.storage import TMP_MARK, Storage
+from tests.conftest import ASSETS as SHARED
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets"
 STAGES = ("download", "inspect", "render", "score", "curate", "voxelize", "encode")
 # Whole flows with Blender renders: minutes each on 2 cores (the suite's 300 s default is for single stages).
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]

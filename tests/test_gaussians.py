@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from flux3d.training.gaussians import (
+from flux3d.models.gaussians import (
     PLY_FRAME_COMMENT,
     PLY_PROPERTIES,
     RAW_CHANNELS,

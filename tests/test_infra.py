@@ -314,7 +314,7 @@ def test_prefect_entrypoint_is_a_flow_that_accepts_the_parameters(prefect_projec
 
 def test_prefect_yaml_agrees_with_flux3d_deploy(prefect_project: dict) -> None:
     """`flux3d deploy` registers the same deployments from Python; names and the retrain schedule must agree."""
-    from flux3d.config_flow import FlowConfig
+    from flux3d.config.flow import FlowConfig
     from flux3d.flows.deploy import DEPLOYMENTS
 
     deployments = {d["name"]: d for d in prefect_project["deployments"]}
@@ -326,7 +326,7 @@ def test_prefect_yaml_agrees_with_flux3d_deploy(prefect_project: dict) -> None:
 
 def test_prefect_config_parameter_ships_in_the_image(prefect_project: dict) -> None:
     """The `config` path is inside /opt/flux3d, so it must be a repo file that the Dockerfile copies."""
-    from flux3d.config import load_config
+    from flux3d.config.load import load_config
 
     workdir = _dockerfile_workdir()
     for d in prefect_project["deployments"]:

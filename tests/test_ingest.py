@@ -17,8 +17,8 @@ import pytest
 from flux3d.catalog import Catalog
 from flux3d.demo import make_demo_assets
 from flux3d.storage import TMP_MARK, Storage
+from tests.conftest import ASSETS as SHARED_ASSETS
 
-SHARED_ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 DEMO_EXPECTED = {  # file -> inspect (state, reason)
     "checker_box.glb": ("ok", ""),
     "striped_sphere.obj": ("ok", ""),

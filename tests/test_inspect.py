@@ -16,13 +16,13 @@ import pytest
 import trimesh
 from PIL import Image
 
-from flux3d.config import InspectConfig
+from flux3d.config.pipeline import InspectConfig
 from flux3d.isolation import run_isolated
 from flux3d.sources import ASSET_EXTENSIONS
 from flux3d.stages.inspect import INSPECT_COLUMNS, inspect_asset, inspect_file
 from flux3d.stages.inspect_common import find_file
+from tests.conftest import ASSETS as SHARED_ASSETS
 
-SHARED_ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 CFG = InspectConfig()
 
 # Every 3D file of the shared acceptance set -> (state, reason). A file added there without a line here fails.

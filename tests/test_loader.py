@@ -17,9 +17,9 @@ import pytest
 import torch
 import webdataset as wds
 
+from flux3d.models.sparse import SparseBatch
 from flux3d.shards.format import encode_image, encode_sample
 from flux3d.training.data import Batch, make_dataset, make_loader, shard_urls
-from flux3d.training.sparse import SparseBatch
 
 RES, COND_RES, VIEWS, CONDS = 32, 16, 3, 2
 
@@ -268,3 +268,40 @@ def test_sparse_batch_packs_unbinds_and_replaces():
         SparseBatch.from_list(coords, feats[:2])
     with pytest.raises(ValueError):
         SparseBatch.from_list([coords[0]], [feats[2]])
+
+
+def test_a_version_written_by_the_shard_builder_loads_exactly(synthetic_shards):
+    """The synthetic dataset the trainer and evaluation tests train on, as the shard builder wrote it from stage
+    outputs: index and stats agree with the shards, and the loader returns every asset's voxels, latents, views and
+    cameras as the stage files hold them (so those tests train on what they think they do)."""
+    import json
+
+    from PIL import Image
+
+    ds = synthetic_shards(2, views=8, resolution=32, voxels=16, supervision_views=8, cond_views=2, cond_resolution=32)
+    data = ds.root / "data"
+    index = pq.read_table(f"{ds.version_dir}/index.parquet").to_pylist()
+    keys = sorted(p.stem for p in (data / "voxels").glob("*.npy"))
+    assert sorted(r["key"] for r in index) == keys and {r["split"] for r in index} == {"train"}
+    stats = json.loads(Path(ds.version_dir, "stats.json").read_text())
+    assert stats["assets"] == {"train": 2, "val": 0} and stats["voxel_resolution"] == 16
+    features = {k: np.load(next((data / "features").rglob(f"{k}.npz"))) for k in keys}
+    assert stats["voxels"] == sum(r["num_voxels"] for r in index) == sum(len(f["coords"]) for f in features.values())
+    mu = np.concatenate([f["mu"].astype(np.float64) for f in features.values()])
+    np.testing.assert_allclose(stats["mu_mean"], mu.mean(0), rtol=1e-6, atol=1e-9)
+    (batch,) = make_dataset(shard_urls(ds.version_dir, "train"), batch_size=2, views_per_sample=8,
+                            background="black")
+    assert sorted(batch.keys) == keys and batch.images.shape == (2, 8, 3, 32, 32) and batch.cond.shape[-1] == 32
+    for b, key in enumerate(batch.keys):
+        rows = slice(batch.voxels.offsets[b], batch.voxels.offsets[b + 1])
+        coords = np.load(data / "voxels" / f"{key}.npy")
+        assert coords.max() < 16 and np.array_equal(batch.voxels.coords[rows, 1:].numpy(), coords.astype(np.int32))
+        assert np.array_equal(batch.voxels.feats[rows].numpy(), features[key]["mu"].astype(np.float32))
+        folder = next((data / "renders" / key).glob("views*"))  # the main view set: all 8 views are in the shards
+        frames = json.loads((folder / "transforms.json").read_text())["frames"]
+        for v, j in enumerate(batch.view_index[b].tolist()):
+            assert np.array_equal(batch.K[b, v].numpy(), np.float32(frames[j]["K"]))
+            assert np.array_equal(batch.w2c[b, v].numpy(), np.float32(frames[j]["w2c"]))
+            png = np.asarray(Image.open(folder / frames[j]["file_path"]).convert("RGBA"))
+            np.testing.assert_allclose(batch.images[b, v].numpy(), _composite(png, 0.0), rtol=0, atol=1e-6)
+        assert batch.images[b].amax() > 0  # the asset is in view

@@ -10,9 +10,9 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-import flux3d.training.rasterizer as rasterizer
-from flux3d.training.gaussians import SH_C0, Gaussians
-from flux3d.training.rasterizer import rasterize
+import flux3d.models.rasterizer as rasterizer
+from flux3d.models.gaussians import SH_C0, Gaussians
+from flux3d.models.rasterizer import rasterize
 
 RED, BLUE = torch.tensor([1.0, 0, 0]), torch.tensor([0, 0, 1.0])
 

@@ -13,9 +13,9 @@ import pandas as pd
 import trimesh
 
 from flux3d.catalog import Catalog
-from flux3d.config import load_config
+from flux3d.config.load import load_config
 from flux3d.demo import _textured_box_glb
-from flux3d.ingest import ingest
+from flux3d.pipeline.ingest import ingest
 from flux3d.storage import Storage
 from tests.http_server import Route, serve
 from tests.test_sources_objaverse import _annotation, _gz_json

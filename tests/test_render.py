@@ -16,15 +16,16 @@ import trimesh
 from PIL import Image
 
 from flux3d.catalog import Catalog
-from flux3d.config import RenderConfig, load_config
+from flux3d.config.load import load_config
+from flux3d.config.pipeline import RenderConfig
 from flux3d.demo import _checker, _textured_box_glb
-from flux3d.ingest import ingest
-from flux3d.render_run import run_render
+from flux3d.pipeline.ingest import ingest
+from flux3d.pipeline.render import run_render
 from flux3d.stages.cameras import GL_TO_CV, project, sphere_hammersley, view_set_cameras
 from flux3d.stages.render import RENDER_COLUMNS, render_asset, render_params, render_views
 from flux3d.storage import TMP_MARK, Storage
+from tests.conftest import ASSETS as SHARED_ASSETS
 
-SHARED_ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 TINY = dict(views=4, resolution=64, cond_views=2, cond_resolution=64, curation_views=2, curation_resolution=64,
             samples=4, denoise=False, timeout_s=120.0, contact_sheet_views=4)
 SETS = ("views4", "cond2", "curation2")

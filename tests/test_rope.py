@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flux3d.training.rope import (
+from flux3d.models.rope import (
     RotaryEmbedding,
     SinusoidalPositionEmbedding,
     apply_rotary,

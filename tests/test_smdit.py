@@ -8,17 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from flux3d.training.config import apply_overrides
-from flux3d.training.decoder import DecoderConfig, GaussianDecoder
-from flux3d.training.flow_matching import SamplerConfig, normalize, sample
-from flux3d.training.inference import load_model
-from flux3d.training.rasterizer import rasterize
-from flux3d.training.recipes import recipe
-from flux3d.training.smdit import SMDiT, SMDiTConfig
-from flux3d.training.sparse import SparseBatch
+from flux3d.config.recipes import train_recipe as recipe
+from flux3d.config.training import apply_overrides
+from flux3d.models.decoder import DecoderConfig, GaussianDecoder
+from flux3d.models.flow_matching import SamplerConfig, normalize, sample
+from flux3d.models.rasterizer import rasterize
+from flux3d.models.smdit import SMDiT, SMDiTConfig
+from flux3d.models.sparse import SparseBatch
+from flux3d.training.checkpoint import load_model
 from flux3d.training.telemetry import read_metrics
 from flux3d.training.trainer import fit
-from tests.datasets import SHARED, TAEF1, build_dataset
+from tests.conftest import SHARED, TAEF1
+from tests.datasets import build_dataset
 
 GOOD = SHARED / "assets" / "good"
 
@@ -90,6 +91,7 @@ def assets(tmp_path_factory):
                          voxels=32, supervision_views=16, cond_views=1, cond_resolution=64)
 
 
+@pytest.mark.integration
 def test_debug_smdit_overfits_a_handful_of_real_assets(assets, tmp_path):
     """Train the debug decoder and the debug SMDiT on three real assets; then, from each asset's conditioning image,
     the sampler must reproduce that asset's latents, and the decoder must render them close to the ground truth.
@@ -99,8 +101,8 @@ def test_debug_smdit_overfits_a_handful_of_real_assets(assets, tmp_path):
     ground-truth view within 1.2 dB of what the true latents give (the debug decoder itself is the limit there:
     17-30 dB on these assets).
     """
+    from flux3d.features.vae import ConditionEncoder
     from flux3d.training.data import make_dataset, shard_urls
-    from flux3d.training.smdit_task import ConditionEncoder
 
     base = {"data.shards": assets.version_dir, "run.image_every": 0}
     decoder_cfg = apply_overrides(recipe("decoder", "debug"), {**base, "run.out": str(tmp_path / "decoder"),

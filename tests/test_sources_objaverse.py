@@ -16,7 +16,7 @@ import objaverse
 import pandas as pd
 import pytest
 
-from flux3d.config import Config, SourcesConfig
+from flux3d.config.pipeline import Config, SourcesConfig
 from flux3d.sources import list_source, parse_spec
 from flux3d.sources.objaverse import list_objaverse, objaverse_cache
 from flux3d.sources.objaverse_xl import (

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flux3d.training.sparse import SparseBatch, patchify, unpatchify
+from flux3d.models.sparse import SparseBatch, patchify, unpatchify
 
 GRID = 12  # divisible by both factors tested
 

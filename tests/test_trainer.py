@@ -1,5 +1,5 @@
-"""The trainer's contracts, on a dataset the pipeline made from the demo's procedural assets (no ../shared needed):
-exact resume, checkpoint retention and completeness, config round trips, bad input."""
+"""The trainer's contracts, on a tiny synthetic dataset version written by the project's shard builder (no Blender,
+no ../shared): exact resume, checkpoint retention and completeness, config round trips, bad input."""
 
 from __future__ import annotations
 
@@ -12,27 +12,19 @@ import numpy as np
 import pytest
 import torch
 
-from flux3d.demo import make_demo_assets
+from flux3d.config.recipes import train_recipe as recipe
+from flux3d.config.training import TrainConfig, apply_overrides, from_dict
 from flux3d.storage import Storage
 from flux3d.training import checkpoint as ckpt_io
-from flux3d.training.config import TrainConfig, apply_overrides, from_dict
-from flux3d.training.inference import load_model
-from flux3d.training.recipes import recipe
+from flux3d.training.checkpoint import load_model
 from flux3d.training.telemetry import read_metrics
 from flux3d.training.trainer import fit
-from tests.datasets import build_dataset
-
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def demo_ds(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("demo")
-    paths = make_demo_assets(str(tmp / "src"))
-    box, sphere = Path(paths[0]), Path(paths[1])
-    files = [box, sphere, sphere.with_suffix(".mtl"), sphere.parent / "textures"]
-    return build_dataset(tmp, files, views=8, resolution=32, voxels=16, supervision_views=8, cond_views=2,
-                         cond_resolution=32, expect=2)
+def demo_ds(synthetic_shards):
+    return synthetic_shards(2, views=8, resolution=32, voxels=16, supervision_views=8, cond_views=2,
+                            cond_resolution=32)
 
 
 def _cfg(kind: str, ds, out: Path, **sets) -> TrainConfig:
@@ -115,6 +107,7 @@ def test_ablation_switches_train(demo_ds, tmp_path, kind, sets):
     assert model.out.weight.abs().sum() > 0  # the zero-initialised output layer has learned
 
 
+@pytest.mark.integration
 def test_generate_writes_gaussians_on_the_given_layout(demo_ds, tmp_path):
     """`flux3d generate` from a conditioning image and a voxel layout: a 3DGS .ply whose Gaussians sit in exactly
     the layout's voxels (K per voxel, within the parameterisation's +-0.75 voxel), and a turntable image."""
@@ -123,7 +116,7 @@ def test_generate_writes_gaussians_on_the_given_layout(demo_ds, tmp_path):
 
     from PIL import Image
 
-    from flux3d.training.gaussians import PLY_PROPERTIES, load_ply
+    from flux3d.models.gaussians import PLY_PROPERTIES, load_ply
 
     for kind in ("decoder", "smdit"):
         fit(_cfg(kind, demo_ds, tmp_path / kind, **{"run.steps": 2, "run.ckpt_every": 2}), local=True)

@@ -16,12 +16,12 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from flux3d.catalog import Catalog
-from flux3d.config import load_config
-from flux3d.curate_run import SCORE_COLUMNS, curate_params, curation_table, run_curate
+from flux3d.config.load import load_config
 from flux3d.curation.report import write_report
-from flux3d.ingest import list_sources
+from flux3d.pipeline.curate import SCORE_COLUMNS, curate_params, curation_table, run_curate
+from flux3d.pipeline.ingest import list_sources
+from flux3d.pipeline.reproduction import COLUMNS, reproduction_report
 from flux3d.records import OK, StageResult
-from flux3d.reproduction import COLUMNS, reproduction_report
 from flux3d.stages.download import DOWNLOAD_COLUMNS
 from flux3d.stages.inspect import INSPECT_COLUMNS
 from flux3d.stages.render import RENDER_COLUMNS

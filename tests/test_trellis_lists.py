@@ -17,9 +17,9 @@ import pytest
 import trimesh
 
 from flux3d.catalog import Catalog
-from flux3d.config import load_config
+from flux3d.config.load import load_config
 from flux3d.demo import _checker, _sphere_obj, _textured_box_glb
-from flux3d.ingest import ingest, list_sources, run_download
+from flux3d.pipeline.ingest import ingest, list_sources, run_download
 from flux3d.storage import Storage
 from tests.http_server import Route, serve
 from tests.test_ingest import flux3d

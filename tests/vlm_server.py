@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 from PIL import Image
 
-from flux3d.curation.heuristic import magenta_mask
+from flux3d.stages.render_layout import magenta_mask
 from tests.http_server import serving
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from flux3d.config import CurateConfig
+from flux3d.config.pipeline import CurateConfig
 
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128)}
 

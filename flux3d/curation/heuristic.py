@@ -20,16 +20,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from flux3d.stages.render_layout import magenta_mask
+
 FLAT_GRADIENT = 0.05  # relative per-pixel gradient: shading on curved paint stays below, texture edges above
 LIT = 0.1  # darker pixels are unlit sides: nothing to tell paint from texture there
 FOREGROUND_ALPHA = 0.5
-
-
-def magenta_mask(rgb: np.ndarray) -> np.ndarray:
-    """Boolean mask of missing-texture magenta in an (..., 3) float image in [0, 1]."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    lo = np.minimum(r, b)
-    return (lo > 0.15) & (g < 0.35 * lo) & (np.abs(r - b) < 0.3 * np.maximum(r, b))
 
 
 def flat_mask(rgb: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ Order of the checks, cheapest evidence first, and the reason each records:
     mean aesthetic score < the source's threshold     reject:low_aesthetic
     VLM says textures are missing                     reject:vlm_missing_texture
 
-`texture_rule` decides how the heuristic and the VLM combine (see config.py); the VLM is only asked where its
+`texture_rule` decides how the heuristic and the VLM combine (see config/pipeline.py); the VLM is only asked where its
 answer can change the decision (`needs_vlm`), which is what keeps a 500K-asset run's VLM bill down.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flux3d.config import CurateConfig
+from flux3d.config.pipeline import CurateConfig
 
 KEEP = "keep"
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from flux3d.config import Config
+from flux3d.config.pipeline import Config
 from flux3d.curation.policy import aesthetic_threshold
 from flux3d.storage import Storage
 
@@ -145,8 +145,7 @@ def _histograms(table: pa.Table, cfg: Config, out: str) -> None:
 def _sheet(rows: list[dict[str, Any]], cfg: Config, storage: Storage, path: str) -> None:
     from PIL import Image, ImageDraw
 
-    from flux3d.stages.blender_render import view_sets
-    from flux3d.stages.render import load_views
+    from flux3d.stages.render_layout import load_views, view_sets
 
     sheet = Image.new("RGB", (SHEET_VIEWS * TILE, len(rows) * TILE), (128, 128, 128))
     draw = ImageDraw.Draw(sheet)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from flux3d.config import VLMConfig
+from flux3d.config.pipeline import VLMConfig
 from flux3d.curation.aesthetic import composite
 
 PROMPT_VERSION = "texture-v1"

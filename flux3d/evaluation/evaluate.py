@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from flux3d.evaluation.config import EvalConfig
+from flux3d.config.evaluation import EvalConfig
+from flux3d.config.training import TrainConfig
 from flux3d.evaluation.protocols import (
     AssetResult,
     EvalAsset,
@@ -26,8 +27,7 @@ from flux3d.evaluation.protocols import (
     scaled,
     view_metrics,
 )
-from flux3d.training.config import TrainConfig
-from flux3d.training.inference import decode_gaussians
+from flux3d.models.inference import decode_gaussians
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Evaluator:
         if self.generate:
             from flux3d.evaluation.extractors import clip_image_encoder, dinov2, inception_v3
             from flux3d.evaluation.metrics import FeatureStats
-            from flux3d.training.smdit_task import ConditionEncoder
+            from flux3d.features.vae import ConditionEncoder
 
             self.clip = clip_image_encoder(cfg.clip_model, cfg.clip_weights or None,
                                            model_config=cfg.clip_model_config or None, allow_random=random_ok)
@@ -75,7 +75,7 @@ class Evaluator:
             self.cond_encoder = ConditionEncoder(f.encoder, f.encoder_location, f.cond_resolution, device)
 
     def asset(self, a: EvalAsset) -> AssetResult:
-        from flux3d.stages.render import spread
+        from flux3d.stages.render_layout import spread
 
         cfg, R, bg = self.cfg, self.cfg.resolution, self.bg
         res, rng = AssetResult(a.key), rng_for(cfg, a.key)
@@ -94,8 +94,8 @@ class Evaluator:
             log.warning("%s: no conditioning images in the shards (shard.cond = latents?): generation skipped", a.key)
         if self.generate and a.cond_images:
             from flux3d.evaluation.metrics import clip_score
-            from flux3d.training.flow_matching import SamplerConfig
-            from flux3d.training.inference import generate
+            from flux3d.models.flow_matching import SamplerConfig
+            from flux3d.models.inference import generate
 
             j = rng.randrange(len(a.cond_images))
             cam, cond_stored = a.cameras["cond"][j], a.cameras["cond_resolution"]
@@ -177,7 +177,7 @@ def evaluate(cfg: EvalConfig, decoder_run: str, smdit_run: str | None, out: str,
 
     from flux3d.evaluation.report import write_report
     from flux3d.training import checkpoint as ckpt_io
-    from flux3d.training.inference import load_model
+    from flux3d.training.checkpoint import load_model
 
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))

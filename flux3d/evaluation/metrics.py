@@ -37,7 +37,6 @@ sets, F feature width, S subsets.
 from __future__ import annotations
 
 import warnings
-
 from dataclasses import dataclass
 
 import numpy as np

@@ -27,10 +27,11 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from flux3d.evaluation.config import EvalConfig
-from flux3d.shards.format import decode_image, decode_sample, over_background
-from flux3d.training.gaussians import Gaussians
-from flux3d.training.rasterizer import render_views
+from flux3d.config.evaluation import EvalConfig
+from flux3d.features.vae import over_background
+from flux3d.models.gaussians import Gaussians
+from flux3d.models.rasterizer import render_views
+from flux3d.shards.format import decode_image, decode_sample
 
 
 @dataclass

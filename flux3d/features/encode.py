@@ -22,14 +22,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from flux3d.config import Config
+from flux3d.config.pipeline import Config
 from flux3d.curation.aesthetic import BACKGROUNDS
 from flux3d.features.project import aggregate
-from flux3d.features.vae import LatentEncoder
+from flux3d.features.vae import LatentEncoder, over_background
 from flux3d.records import FAILED, OK, StageResult, params_hash
-from flux3d.shards.format import over_background
-from flux3d.stages.blender_render import view_sets
-from flux3d.stages.render import load_views
+from flux3d.stages.render_layout import load_views, view_sets
 from flux3d.storage import Storage
 
 ENCODE_VERSION = 1

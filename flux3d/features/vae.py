@@ -14,7 +14,12 @@ Images go in as (N, 3, H, W) floats in [0, 1]; latents come out as (N, 16, H/8, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch  # annotations only: importing this module must not load torch
 
 TAEF1_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=16, encoder_block_out_channels=(64, 64, 64, 64),
                     decoder_block_out_channels=(64, 64, 64, 64), num_encoder_blocks=(1, 3, 3, 3),
@@ -22,6 +27,15 @@ TAEF1_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=16, encoder_b
                     upsampling_scaling_factor=2, latent_magnitude=3, latent_shift=0.5, scaling_factor=1.0,
                     shift_factor=0.0, force_upcast=False)
 FLUX_HUB_ID = "black-forest-labs/FLUX.1-schnell"
+
+
+def over_background(rgba: np.ndarray, background: Any) -> np.ndarray:
+    """(..., H, W, 4) uint8 straight-alpha RGBA -> (..., 3, H, W) float32 in [0, 1] over a uniform background (a
+    grey level or an RGB triple in [0, 1]); the one compositing rule of encoding and training."""
+    x = rgba.astype(np.float32) / 255
+    bg = np.asarray(background, np.float32)
+    rgb = x[..., :3] * x[..., 3:] + bg * (1 - x[..., 3:])
+    return np.ascontiguousarray(np.moveaxis(rgb, -1, -3))
 
 
 def _bare_state(path: str) -> dict[str, Any]:
@@ -110,3 +124,26 @@ class LatentEncoder:
             z = z / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
         with torch.inference_mode():
             return ((self.vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
+
+
+class ConditionEncoder:
+    """Conditioning images -> normalised FLUX latents (B, 16, h, w), with a frozen encoder loaded once."""
+
+    def __init__(self, name: str, location: str, resolution: int, device: torch.device) -> None:
+        self.name, self.location, self.resolution, self.device = name, location, resolution, device
+        self.encoder = None
+
+    def __call__(self, cond: torch.Tensor) -> torch.Tensor:
+        if cond.shape[1] != 3:
+            return cond.float()  # the shards hold latents already
+        if self.encoder is None:
+            if not self.location:
+                raise ValueError("the shards hold conditioning images: set flow.encoder_location (the FLUX encoder)")
+            self.encoder = LatentEncoder.load(self.name, self.location, device=str(self.device), dtype="auto")
+        import torch.nn.functional as F
+
+        if cond.shape[-1] != self.resolution or cond.shape[-2] != self.resolution:
+            cond = F.interpolate(cond, size=(self.resolution, self.resolution), mode="bilinear", antialias=True,
+                                 align_corners=False)
+        mu, _ = self.encoder.encode(cond)
+        return mu.to(cond.device)

@@ -12,12 +12,12 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flux3d.config import Config
-from flux3d.runner import StageRun
+from flux3d.config.pipeline import Config
+from flux3d.pipeline.stage import StageSummary
 from flux3d.storage import Storage
 
 
-def counts_table(run: StageRun) -> list[dict[str, Any]]:
+def counts_table(run: StageSummary) -> list[dict[str, Any]]:
     """One row per state, then one per `state:reason` that is not ok."""
     rows: list[dict[str, Any]] = [{"state": s, "reason": "", "assets": n} for s, n in sorted(run.states.items())]
     for key, n in sorted(run.reasons.items(), key=lambda kv: -kv[1]):
@@ -39,7 +39,7 @@ def thumbnail(storage: Storage, rel_or_path: str, width: int = 384) -> str:
     return f"![{rel_or_path.rsplit('/', 2)[-2]}](data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()})"
 
 
-def publish_stage(run: StageRun, cfg: Config, render_dirs: list[str]) -> None:
+def publish_stage(run: StageSummary, cfg: Config, render_dirs: list[str]) -> None:
     """Counts and throughput of one stage's run; for render, contact sheets of a few of the assets it rendered."""
     create_table_artifact(counts_table(run), key=f"{run.stage}-counts",
                           description=f"{run.stage}: assets by state and reason (this run)")
@@ -72,7 +72,7 @@ def publish_shards(version: str, stats: dict[str, Any]) -> None:
 
 def publish_reproduction(report: dict[str, Any]) -> None:
     """How far each of TRELLIS-500K's lists got, beside TRELLIS's published counts (as `flux3d status` prints)."""
-    from flux3d.reproduction import reproduction_markdown
+    from flux3d.pipeline.reproduction import reproduction_markdown
 
     create_markdown_artifact("### Reproducing TRELLIS-500K's lists\n\n" + reproduction_markdown(report),
                              key="reproduction", description="per published list: listed ... kept")

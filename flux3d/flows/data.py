@@ -14,10 +14,12 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flux3d.catalog import Catalog
-from flux3d.config import Config, load_config
+from flux3d.config.load import load_config
+from flux3d.config.pipeline import Config
+from flux3d.executors.ray import connect, ray_ordered_map
 from flux3d.flows.artifacts import publish_curation, publish_reproduction, publish_shards
-from flux3d.flows.executor import connect, ray_ordered_map
-from flux3d.flows.stages import BUILDERS, run_stage_flow
+from flux3d.flows.stage import run_stage_flow
+from flux3d.pipeline.registry import STAGES
 from flux3d.storage import Storage
 
 
@@ -30,7 +32,7 @@ def flow_config(root: str, config: str | None, recipe: str | None, ray_address: 
 
 @task(name="list-sources", cache_policy=NONE)
 def list_task(cfg: Config, sources: list[str]) -> dict[str, int]:
-    from flux3d.ingest import list_sources
+    from flux3d.pipeline.ingest import list_sources
 
     storage = Storage(cfg.storage.root)
     storage.sweep_tmp("catalog")  # the stages sweep their own folders (Stage.sweep)
@@ -39,9 +41,9 @@ def list_task(cfg: Config, sources: list[str]) -> dict[str, int]:
 
 @task(name="curation-report", cache_policy=NONE)
 def curation_report_task(cfg: Config) -> dict[str, Any]:
-    from flux3d.curate_run import curate_params, curation_table
     from flux3d.curation.policy import effective_rule
     from flux3d.curation.report import write_report
+    from flux3d.pipeline.curate import curate_params, curation_table
 
     storage = Storage(cfg.storage.root)
     summary = write_report(curation_table(Catalog(storage)), cfg, storage, curate_params(cfg),
@@ -53,7 +55,7 @@ def curation_report_task(cfg: Config) -> dict[str, Any]:
 @task(name="reproduction-report", cache_policy=NONE)
 def reproduction_task(cfg: Config) -> dict[str, Any] | None:
     """The per-list reproduction counts, when the catalog holds TRELLIS-500K lists (`trellis:` sources)."""
-    from flux3d.reproduction import reproduction_report
+    from flux3d.pipeline.reproduction import reproduction_report
 
     report = reproduction_report(Catalog(Storage(cfg.storage.root)))
     if report is not None:
@@ -64,7 +66,7 @@ def reproduction_task(cfg: Config) -> dict[str, Any] | None:
 @task(name="shard", cache_policy=NONE)
 def shard_task(cfg: Config) -> dict[str, Any]:
     """Shards of every kept, encoded asset; sample preparation (image encoding) fans out over Ray."""
-    from flux3d.shard_run import kept_rows, run_shard
+    from flux3d.pipeline.shard import kept_rows, run_shard
 
     storage = Storage(cfg.storage.root)
     catalog = Catalog(storage)
@@ -86,14 +88,14 @@ def _has_report(cfg: Config) -> bool:
 def data_flow(root: str, sources: list[str] | None = None, config: str | None = None, recipe: str | None = None,
               ray_address: str | None = None) -> dict[str, Any]:
     """List `sources` (same specs as `flux3d ingest`) into the catalog at `root`, then run every data stage over
-    what is not done yet and build the shards. `config` is a TOML file; `recipe` a named one (`flux3d.recipes`)."""
+    what is not done yet and build the shards. `config` is a TOML file; `recipe` a named one (`flux3d.config.recipes`)."""
     cfg = flow_config(root, config, recipe, ray_address)
     dashboard = connect(cfg.flow.ray_address or None, cfg.flow.ray_num_cpus, cfg.flow.ray_dashboard)
     if dashboard:
         get_run_logger().info("Ray dashboard: %s", dashboard)
     listed = list_task(cfg, list(sources or []))
     stages = {}
-    for name in BUILDERS:
+    for name in STAGES:
         stages[name] = run_stage_flow(name, cfg)
         if name == "curate" and (stages[name]["processed"] or not _has_report(cfg)):
             curation_report_task(cfg)

@@ -12,14 +12,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from flux3d.config import Config
+from flux3d.config.pipeline import Config
 from flux3d.flows.data import flow_config
 from flux3d.storage import Storage
 
 
 @task(name="evaluate-models", cache_policy=NONE)
 def evaluate_task(cfg: Config, version: str) -> dict[str, Any]:
-    from flux3d.evaluation.config import eval_config
+    from flux3d.config.recipes import eval_config
     from flux3d.evaluation.evaluate import evaluate
     from flux3d.flows.artifacts import thumbnail
     from flux3d.training import checkpoint as ckpt_io

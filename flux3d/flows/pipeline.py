@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from flux3d.config import Config
+from flux3d.config.pipeline import Config
 from flux3d.flows.data import data_flow, flow_config
 from flux3d.storage import Storage
 

@@ -13,16 +13,16 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 
-from flux3d.config import Config
+from flux3d.config.pipeline import Config
+from flux3d.executors.ray import connect
 from flux3d.flows.data import flow_config
-from flux3d.flows.executor import connect
 from flux3d.storage import Storage
 
 
 def run_config(cfg: Config, kind: str, version: str):  # noqa: ANN201 - TrainConfig
     """The TrainConfig a pipeline's model node runs: its recipe, the shards of `version`, its run directory."""
-    from flux3d.training.config import apply_overrides
-    from flux3d.training.recipes import recipe
+    from flux3d.config.recipes import train_recipe as recipe
+    from flux3d.config.training import apply_overrides
 
     storage = Storage(cfg.storage.root)
     t = cfg.train

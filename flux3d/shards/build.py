@@ -14,12 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from flux3d.config import Config, section_params
+from flux3d.config.pipeline import Config, section_params
 from flux3d.features.encode import encode_params
 from flux3d.shards.format import encode_image, encode_sample
 from flux3d.shards.writer import Item, Sums, tar_bytes
-from flux3d.stages.blender_render import view_sets
-from flux3d.stages.render import spread
+from flux3d.stages.render_layout import spread, view_sets
 from flux3d.storage import Storage
 
 SHARD_FORMAT = 1

@@ -96,15 +96,6 @@ def decode_image(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGBA"))
 
 
-def over_background(rgba: np.ndarray, background: Any) -> np.ndarray:
-    """(..., H, W, 4) uint8 straight-alpha RGBA -> (..., 3, H, W) float32 in [0, 1] over a uniform background (a
-    grey level or an RGB triple in [0, 1]); the one compositing rule of encoding and training."""
-    x = rgba.astype(np.float32) / 255
-    bg = np.asarray(background, np.float32)
-    rgb = x[..., :3] * x[..., 3:] + bg * (1 - x[..., 3:])
-    return np.ascontiguousarray(np.moveaxis(rgb, -1, -3))
-
-
 def encode_image(rgba: np.ndarray, quality: int) -> bytes:
     """WebP bytes of an RGBA view. quality 100 = lossless, then bit-exact (`exact` keeps the colour under
     transparent pixels too, so a round trip is the identity); `method=4` is Pillow's default speed/size balance."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from flux3d.config import Config
+from flux3d.config.pipeline import Config
 from flux3d.records import AssetRecord
 
 # File extensions that are assets (not sidecar buffers/textures), with the format name recorded in the catalog.

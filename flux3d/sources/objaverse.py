@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from itertools import groupby
 from typing import Any
 
-from flux3d.config import SourcesConfig
+from flux3d.config.pipeline import SourcesConfig
 from flux3d.records import AssetRecord, make_asset_id
 from flux3d.sources import SourceSpec
 

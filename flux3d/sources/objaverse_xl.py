@@ -25,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from flux3d.config import SourcesConfig
+from flux3d.config.pipeline import SourcesConfig
 from flux3d.records import AssetRecord, make_asset_id
 from flux3d.sources import SourceSpec
 from flux3d.sources.objaverse import OBJECT_PATHS_FILE, cache_dir, load_object_paths, require_cache_files

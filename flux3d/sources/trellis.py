@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from flux3d.config import SourcesConfig
+from flux3d.config.pipeline import SourcesConfig
 from flux3d.records import AssetRecord, make_asset_id
 from flux3d.sources import ASSET_EXTENSIONS
 from flux3d.sources.manifest import clean_cell, read_manifest

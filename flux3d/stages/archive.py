@@ -17,7 +17,7 @@ import uuid
 import zipfile
 from dataclasses import dataclass
 
-from flux3d.config import ArchiveConfig
+from flux3d.config.pipeline import ArchiveConfig
 
 
 class ArchiveError(Exception):

@@ -33,9 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from flux3d.config import RenderConfig
+from flux3d.config.pipeline import RenderConfig
 from flux3d.stages.cameras import frame_record, view_set_cameras
 from flux3d.stages.inspect_common import find_file
+from flux3d.stages.render_layout import view_sets
 
 _GEOMETRY_TYPES = frozenset({"MESH", "CURVE", "SURFACE", "META", "FONT"})
 LIGHTS = (  # name, type, energy (W), location, scale
@@ -51,13 +52,6 @@ class RenderError(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason, self.message = reason, message
-
-
-def view_sets(cfg: RenderConfig) -> list[tuple[str, int, int]]:
-    """(folder, views, resolution) of the three view sets, in render order."""
-    return [(f"views{cfg.views}", cfg.views, cfg.resolution),
-            (f"cond{cfg.cond_views}", cfg.cond_views, cfg.cond_resolution),
-            (f"curation{cfg.curation_views}", cfg.curation_views, cfg.curation_resolution)]
 
 
 def render_scene(path: str, fmt: str, sha256: str, cfg: RenderConfig, out_dir: str) -> dict[str, Any]:

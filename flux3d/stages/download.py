@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import requests
 
-from flux3d.config import Config, section_params
+from flux3d.config.pipeline import Config, section_params
 from flux3d.records import FAILED, OK, AssetRecord, StageResult, Timer, params_hash
 from flux3d.sources import ASSET_EXTENSIONS
 from flux3d.sources.local import HASH_CHUNK, sha256_file

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import pyarrow as pa
 
-from flux3d.config import InspectConfig
+from flux3d.config.pipeline import InspectConfig
 from flux3d.isolation import run_isolated
 from flux3d.records import FAILED, OK, REJECTED, StageResult, Timer
 from flux3d.sources import ASSET_EXTENSIONS

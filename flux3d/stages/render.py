@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from flux3d.config import RenderConfig, section_params
-from flux3d.curation.heuristic import magenta_mask
+from flux3d.config.pipeline import RenderConfig, section_params
 from flux3d.isolation import run_isolated
 from flux3d.records import FAILED, OK, StageResult, params_hash
-from flux3d.stages.blender_render import RenderError, render_scene, view_sets
+from flux3d.stages.blender_render import RenderError, render_scene
+from flux3d.stages.render_layout import magenta_mask, render_rel, view_sets
 from flux3d.storage import TMP_MARK, Storage
 
 RENDER_VERSION = 1
@@ -66,10 +66,6 @@ def render_params(cfg: RenderConfig) -> str:
     return params_hash("render", RENDER_VERSION, params)
 
 
-def render_rel(sha256: str) -> str:
-    return f"renders/{sha256}"
-
-
 def view_stats(png_path: str, blank_coverage: float) -> dict[str, Any]:
     """Validation numbers of one rendered RGBA view."""
     from PIL import Image
@@ -81,27 +77,6 @@ def view_stats(png_path: str, blank_coverage: float) -> dict[str, Any]:
     magenta = magenta_mask(rgba[..., :3][fg])
     return {"coverage": coverage, "blank": coverage < blank_coverage, "clipped": border,
             "magenta": float(magenta.mean()) if fg.any() else 0.0}
-
-
-def spread(n: int, limit: int | None) -> list[int]:
-    """Indices of `limit` views spread evenly over a set of `n` (all of them when limit is None or >= n)."""
-    if limit is None or limit >= n:
-        return list(range(n))
-    return np.linspace(0, n - 1, limit).round().astype(int).tolist()
-
-
-def load_views(storage: Storage, render_dir: str, folder: str, limit: int | None = None) -> list[np.ndarray]:
-    """RGBA arrays of a published view set, in frame order; `limit` picks that many spread evenly.
-    Raises OSError/ValueError when the render is missing or damaged."""
-    from PIL import Image
-
-    frames = json.loads(storage.fs.cat_file(f"{render_dir}/{folder}/transforms.json"))["frames"]
-    frames = [frames[i] for i in spread(len(frames), limit)]
-    out = []
-    for frame in frames:
-        with storage.fs.open(f"{render_dir}/{folder}/{frame['file_path']}", "rb") as f:
-            out.append(np.asarray(Image.open(f).convert("RGBA")))
-    return out
 
 
 def contact_sheet(paths: list[str], out_path: str, tile: int = 128, cols: int = 4) -> None:

@@ -1,5 +1,6 @@
-"""Training: `sparse` (the packed voxel batch type) and `data` (the webdataset shard loader).
+"""Training: the loop (trainer), one step per model (step, smdit_step), the shard loader (data), losses,
+checkpoints, telemetry, config and recipes. Model code lives in `flux3d.models`.
 
-Import the submodules directly; this package imports nothing so that `flux3d.training.sparse` does not pull in
-webdataset and fsspec.
+Import the submodules directly; this package imports nothing so that importing one piece does not pull in
+webdataset, fsspec or Ray.
 """

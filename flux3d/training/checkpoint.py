@@ -31,7 +31,11 @@ from typing import Any
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torch import nn
 
+from flux3d.config.training import TrainConfig, from_dict
+from flux3d.models.decoder import GaussianDecoder
+from flux3d.models.smdit import SMDiT
 from flux3d.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -126,3 +130,18 @@ def resolve(path: str) -> tuple[Storage, Checkpoint]:
     if ckpt is None:
         raise ValueError(f"no complete checkpoint under {path}/checkpoints")
     return run, ckpt
+
+
+def load_model(path: str, which: str = "ema", device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:
+    """A trained model from a run directory (its newest checkpoint) or a checkpoint folder. `which` = ema (the
+    weights to evaluate, when the run kept an EMA) | model (the raw weights)."""
+    if which not in ("ema", "model"):
+        raise ValueError(f"which must be ema or model, got {which!r}")
+    run, ckpt = resolve(path)
+    cfg: TrainConfig = from_dict(TrainConfig, ckpt.meta["config"])
+    model: nn.Module = GaussianDecoder(cfg.decoder) if cfg.kind == "decoder" else SMDiT(cfg.smdit)
+    model.load_state_dict(load_weights(run, ckpt, "model"))
+    if which == "ema" and cfg.optim.ema_decay > 0:
+        missing, unexpected = model.load_state_dict(load_weights(run, ckpt, "ema"), strict=False)
+        assert not unexpected, unexpected  # the EMA holds the trainable parameters; buffers come from `model`
+    return model.eval().to(device), cfg

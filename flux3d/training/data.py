@@ -35,8 +35,9 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import pytorch_worker_info
 
-from flux3d.shards.format import LATENT_CHANNELS, decode_image, decode_sample, over_background
-from flux3d.training.sparse import SparseBatch
+from flux3d.features.vae import over_background
+from flux3d.models.sparse import SparseBatch
+from flux3d.shards.format import LATENT_CHANNELS, decode_image, decode_sample
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from flux3d.training.config import LossConfig
-from flux3d.training.gaussians import Gaussians
+from flux3d.config.training import LossConfig
+from flux3d.models.gaussians import Gaussians
 
 
 class ReconstructionLoss(nn.Module):

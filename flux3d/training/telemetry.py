@@ -3,8 +3,8 @@
 
 Values are averaged over the logging interval and across workers (one all-reduce per log line, not per step);
 throughput counts every worker's samples. MFU = achieved model FLOP/s / (peak bf16 FLOP/s x workers), with the
-FLOPs a task counts for its step (tasks.py: 6 x parameters x tokens + attention), the usual convention (PaLM,
-nanoGPT, torchtitan); it is reported on GPUs whose peak we know, never on CPU.
+FLOPs a model step counts (decoder_step.py, smdit_step.py: 6 x parameters x tokens + attention), the usual
+convention (PaLM, nanoGPT, torchtitan); it is reported on GPUs whose peak we know, never on CPU.
 
 metrics.jsonl is rewritten whole at each checkpoint (atomic, any fsspec root), so after a crash it holds exactly
 the steps up to the checkpoint the run resumes from, and the resumed run appends the same lines again.

@@ -3,7 +3,7 @@
     fit(cfg)  ->  Ray Train TorchTrainer(train_loop, num_workers, GPUs or CPUs)  ->  train_loop on every worker
     fit(cfg, local=True)  ->  train_loop in this process (one worker, no Ray: benchmarks, notebooks)
 
-What differs between the two models is a `Task` (tasks.py): how to build the model and what one step's loss is;
+What differs between the two models is a `Step` (step.py): how to build the model and what one step's loss is;
 everything else lives here once: DDP or FSDP2, AdamW with warm-up, bf16 autocast on CUDA, gradient clipping, EMA,
 checkpoints with exact resume, metrics (metrics.jsonl + TensorBoard scalars and image grids), throughput and MFU.
 
@@ -24,10 +24,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from flux3d.config.training import TrainConfig, from_dict
 from flux3d.storage import Storage
 from flux3d.training import checkpoint as ckpt_io
-from flux3d.training.config import TrainConfig, from_dict
-from flux3d.training.tasks import Task, make_task, unwrap
+from flux3d.training.decoder_step import DecoderStep
+from flux3d.training.smdit_step import SMDiTStep
+from flux3d.training.step import Step, unwrap
 from flux3d.training.telemetry import Telemetry, peak_flops
 
 log = logging.getLogger(__name__)
@@ -111,11 +113,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.set_device(device)
     bf16 = cfg.scale.precision == "bf16" or (cfg.scale.precision == "auto" and device.type == "cuda")
     run = Storage(cfg.run.out)
-    task: Task = make_task(cfg, device)
+    model_step: Step = (DecoderStep if cfg.kind == "decoder" else SMDiTStep)(cfg, device)
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     with device:  # initialise on the training device: 820 M parameters take seconds to initialise on a CPU
-        model = task.build_model()
+        model = model_step.build_model()
     model = _wrap(model, cfg, device, world)
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                               betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
@@ -139,7 +141,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         run.write_bytes("config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True).encode())
 
     telemetry = Telemetry(run, cfg, rank, resume_step=step, peak=peak_flops(device) if bf16 else None)
-    loader = task.loader(rank, world, start_epoch=epoch)
+    loader = model_step.loader(rank, world, start_epoch=epoch)
     params = sum(p.numel() for p in unwrap(model).parameters())
     if rank == 0:
         log.info("%s: %.2f M parameters, %d worker(s), %s%s", cfg.kind, params / 1e6, world, device,
@@ -156,7 +158,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             gen = torch.Generator(device).manual_seed(_step_seed(cfg.run.seed, rank, step))
             autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
             with autocast:
-                loss, parts = task.step(model, batch, gen)
+                loss, parts = model_step.step(model, batch, gen)
             loss.backward()
             grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                          if cfg.optim.grad_clip > 0 else torch.tensor(0.0))
@@ -167,7 +169,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 ema.update()
             step += 1
             values = {"loss": loss.detach(), **parts, "grad_norm": grad_norm.detach(), "lr": sched.get_last_lr()[0]}
-            logged = telemetry.step(step, values, task.work(model, batch))
+            logged = telemetry.step(step, values, model_step.work(model, batch))
             if logged:  # checked at log steps only: a per-step .item() would stall the GPU queue every step
                 last = logged
                 if not math.isfinite(last["loss"]):
@@ -175,7 +177,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             # Rank 0 draws the grid; under FSDP every rank must join the forward's parameter all-gathers.
             if cfg.run.image_every and step % cfg.run.image_every == 0 and (rank == 0 or cfg.scale.fsdp):
                 with torch.no_grad():
-                    telemetry.images(step, task.images(unwrap(model), batch))
+                    telemetry.images(step, model_step.images(unwrap(model), batch))
             if step % cfg.run.ckpt_every == 0 or step == cfg.run.steps:
                 _save(run, cfg, model, optim, sched, ema, step, epoch, batches, last, telemetry, rank)
             if step >= cfg.run.steps:

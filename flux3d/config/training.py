@@ -1,0 +1,213 @@
+"""Typed configuration of a training run, shared by the decoder and the SMDiT (torchtitan style: a run is a named
+recipe function in `training.recipes` returning a `TrainConfig`; a user changes fields with dotted overrides).
+
+The model's own config (`DecoderConfig`, `SMDiTConfig`) lives beside its model file; this module holds what every
+run has: data, optimiser, schedule, scaling and bookkeeping. The whole config is written to the run directory and
+into every checkpoint, so a checkpoint rebuilds its model without the recipe that made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from flux3d.config.typecheck import build_dataclass
+from flux3d.models.decoder import DecoderConfig
+from flux3d.models.gaussians import GaussianConfig
+from flux3d.models.smdit import SMDiTConfig
+
+Kind = Literal["decoder", "smdit"]
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    shards: str = ""
+    """A dataset version folder (shards/<version>, local or any fsspec URL), as `flux3d shard` wrote it."""
+    split: str = "train"
+    batch_size: int = 8
+    """Assets per step per worker (paper: 8 per GPU)."""
+    workers: int = 4
+    """DataLoader processes per training worker (webdataset decoding; 0 = in the training process)."""
+    views_per_sample: int = 1
+    """Supervision views rendered per asset per step (the paper: one random view of the 150)."""
+    shuffle_buffer: int = 64
+    background: Literal["random", "white", "black"] = "random"
+    """Decoder targets: random black or white per sample (TRELLIS), so the model cannot bake a background in."""
+    epoch_samples: int = 0
+    """Samples per loader epoch per worker; 0 = the split's asset count (from index.parquet)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.workers < 0 or self.views_per_sample < 1 or self.epoch_samples < 0:
+            raise ValueError("data.batch_size and views_per_sample must be >= 1, workers and epoch_samples >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    lr: float = 1e-4
+    """AdamW learning rate (paper: 1e-4 for both models)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    """Linear warm-up from 0, then constant (the paper states no schedule)."""
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables."""
+    ema_decay: float = 0.9999
+    """EMA of the weights, kept beside them in checkpoints and used for evaluation; 0 disables."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or len(self.betas) != 2 or not 0 <= self.ema_decay < 1 or self.grad_clip < 0:
+            raise ValueError("optim: lr > 0, two betas, 0 <= ema_decay < 1, grad_clip >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class ScaleConfig:
+    num_workers: int = 1
+    """Ray Train workers (one per GPU; CPU processes when use_gpu is false)."""
+    use_gpu: bool | None = None
+    """None = GPUs when the Ray cluster has them."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto = bf16 autocast on CUDA, fp32 on CPU (weights and optimiser state stay fp32)."""
+    grad_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (memory for ~30% more compute)."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimiser state over the workers (FSDP2) instead of DDP; for the paper SMDiT."""
+    compile: bool = False
+    """torch.compile the blocks (GPU; packed shapes vary per batch, so dynamic shapes)."""
+    attention: str = "auto"
+    """Packed attention kernel: auto | flash | varlen | nested | bucketed | padded (flux3d.models.attention)."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError("scale.num_workers must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class LossConfig:
+    l1: float = 1.0
+    ssim: float = 0.2
+    lpips: float = 0.2
+    """Decoder loss weights (TRELLIS / paper eq. 5): L1 + 0.2 (1 - SSIM) + 0.2 LPIPS + regularisers."""
+    volume: float = 1e4
+    opacity: float = 1e-3
+    kl: float = 1e-6
+    """Encoder-decoder ablation only: KL of its 8-channel latent (TRELLIS's SLat VAE weight)."""
+    lpips_backbone: str = ""
+    """Local torchvision VGG-16 state dict for LPIPS. "" = a random VGG, allowed only with lpips_random."""
+    lpips_random: bool = False
+    """Accept a random VGG backbone (tests, the demo): the loss then means little; a warning is logged."""
+
+    def __post_init__(self) -> None:
+        if min(self.l1, self.ssim, self.lpips, self.volume, self.opacity, self.kl) < 0:
+            raise ValueError("loss weights must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class FlowMatchingConfig:
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    """t = sigmoid(N(mean, std)) (SD3 / TRELLIS logit-normal sampling)."""
+    cond_drop: float = 0.1
+    """Probability of training a sample without its image (the learned null condition), for CFG."""
+    normalize: bool = True
+    """Normalise latents per channel with the dataset's stats.json (mu_mean, mu_std) before diffusing."""
+    encoder: str = "taef1"
+    """Conditioning images -> FLUX latents: flux_vae | taef1 (as `encode.encoder`)."""
+    encoder_location: str = ""
+    """Weights of that encoder (see `encode.location`); used when shards hold images, not latents."""
+    cond_resolution: int = 1024
+    """Conditioning images are resized to this before encoding, in training and in `flux3d generate` alike
+    (paper: 1024 px -> 128x128 latents -> 64x64 image tokens); a multiple of 16 (8x VAE, 2x2 patches)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.cond_drop < 1 or self.logit_normal_std <= 0:
+            raise ValueError("flow.cond_drop must be in [0, 1), flow.logit_normal_std > 0")
+        if self.cond_resolution < 16 or self.cond_resolution % 16:
+            raise ValueError(f"flow.cond_resolution must be a positive multiple of 16, got {self.cond_resolution}")
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    out: str = "runs/run"
+    """Run directory (local or fsspec URL): config.json, checkpoints/step_XXXXXXX/, metrics.jsonl, tensorboard/."""
+    steps: int = 100_000
+    """Optimiser steps (paper: 100K decoder, 200K SMDiT)."""
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 5000
+    image_every: int = 1000
+    """TensorBoard image grids (render vs target) every this many steps; 0 = never."""
+    keep_checkpoints: int = 3
+    """Newest checkpoints kept; older ones are deleted after a newer one is complete."""
+    decoder_run: str = ""
+    """SMDiT only: a decoder run directory, whose EMA weights render the SMDiT's samples in logs and evaluation."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.log_every < 1 or self.ckpt_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError("run.steps, log_every, ckpt_every and keep_checkpoints must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    kind: Kind
+    recipe: str = ""
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    smdit: SMDiTConfig = field(default_factory=SMDiTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    flow: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("decoder", "smdit"):
+            raise ValueError(f"kind must be decoder or smdit, got {self.kind!r}")
+        if self.kind == "smdit" and self.smdit.in_channels != self.decoder.in_channels:
+            raise ValueError("smdit.in_channels must equal decoder.in_channels (both are the FLUX latent width)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build a config dataclass from a plain dict (config.json, a checkpoint); unknown keys are an error."""
+    return build_dataclass(cls, data, where)
+
+
+def parse_value(text: str) -> Any:
+    """An override's value as TOML reads it (true, 3e-4, [1, 2], "x"); anything else is a bare string (a path)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str] | dict[str, Any]) -> TrainConfig:
+    """`["optim.lr=3e-4", "decoder.depth=4", "data.shards=/x"]` (or a dict of dotted keys) applied on a copy;
+    every dataclass is rebuilt, so each section's checks run again."""
+    data = cfg.to_dict()
+    items = overrides.items() if isinstance(overrides, dict) else (_split(o) for o in overrides)
+    for dotted, value in items:
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                raise ValueError(f"override {dotted!r}: no section {p!r}")
+            node = node[p]
+        if leaf not in node:
+            raise ValueError(f"override {dotted!r}: no field {leaf!r} (known: {sorted(node)})")
+        node[leaf] = value
+    return from_dict(TrainConfig, data)
+
+
+def _split(override: str) -> tuple[str, Any]:
+    if "=" not in override:
+        raise ValueError(f"override {override!r} is not key=value")
+    key, text = override.split("=", 1)
+    return key.strip(), parse_value(text.strip())
+
+
+__all__ = ["DataConfig", "DecoderConfig", "FlowMatchingConfig", "GaussianConfig", "Kind", "LossConfig",
+           "OptimConfig", "RunConfig", "ScaleConfig", "SMDiTConfig", "TrainConfig", "apply_overrides", "from_dict"]

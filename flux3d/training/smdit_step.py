@@ -1,0 +1,88 @@
+"""The SMDiT training step: flow matching of the per-voxel FLUX latents, conditioned on one image of the asset.
+
+The conditioning view comes from the shards either as FLUX latents (`shard.cond = "latents"`) or, by default, as
+an image (docs/shards.md says why), which a frozen copy of the configured FLUX encoder turns into latents on the
+training device. Latent statistics come from the dataset version's stats.json (train split) and are stored in the
+model as buffers, so a checkpoint samples without the shards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from flux3d.config.training import TrainConfig
+from flux3d.features.vae import ConditionEncoder
+from flux3d.models.flow_matching import flow_matching_loss, logit_normal, normalize
+from flux3d.models.smdit import SMDiT
+from flux3d.training.data import Batch
+from flux3d.training.step import Step, unwrap
+
+
+class SMDiTStep(Step):
+    needs_cond = True
+
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        f = cfg.flow
+        self.cond_encoder = ConditionEncoder(f.encoder, f.encoder_location, f.cond_resolution, device)
+        self._decoder: nn.Module | None = None  # loaded on first use, for the image grids
+
+    def build_model(self) -> nn.Module:
+        model = SMDiT(self.cfg.smdit)
+        if self.cfg.flow.normalize:
+            model.set_latent_stats(self.stats["mu_mean"], self.stats["mu_std"])
+        model.set_runtime(self.cfg.scale.grad_checkpointing, self.cfg.scale.attention)
+        return model
+
+    def step(self, model: nn.Module, batch: Batch, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
+        if batch.cond is None:
+            raise ValueError("SMDiT training needs conditioning views in the shards (shard.cond_views > 0)")
+        v, f = batch.voxels, self.cfg.flow
+        B = v.batch_size
+        cond = self.cond_encoder(batch.cond)
+        z0 = normalize(unwrap(model), v.feats.float())
+        t = logit_normal(B, f.logit_normal_mean, f.logit_normal_std, gen, self.device)
+        eps = torch.randn(z0.shape, generator=gen, device=self.device)
+        drop = torch.rand(B, generator=gen, device=self.device) < f.cond_drop
+        loss = flow_matching_loss(model, z0, v.coords, v.offsets, cond, t, eps, drop)
+        return loss, {"t_mean": t.mean().detach()}
+
+    def work(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+        v = batch.voxels
+        img_tokens = 0
+        if batch.cond is not None:
+            side = batch.cond.shape[-1] if batch.cond.shape[1] != 3 else self.cfg.flow.cond_resolution // 8
+            img_tokens = (side // 2) ** 2
+        flops = unwrap(model).flops(v.coords, v.offsets, img_tokens) if self.device.type == "cuda" else 0.0
+        key = v.coords.long()
+        key = ((key[:, 0] * 256 + key[:, 1] // 2) * 256 + key[:, 2] // 2) * 256 + key[:, 3] // 2
+        voxel_tokens = int(torch.unique(key).numel())  # after the 2^3 patchify
+        return {"samples": float(v.batch_size), "tokens": float(voxel_tokens + v.batch_size * img_tokens),
+                "flops": flops}
+
+    def images(self, model: nn.Module, batch: Batch) -> torch.Tensor | None:
+        """With `run.decoder_run`: the first asset's target view above its render from latents sampled for its
+        conditioning image (10 Euler steps: a quick look at what the model has learned, not an evaluation)."""
+        if not self.cfg.run.decoder_run or batch.cond is None:
+            return None
+        from torchvision.utils import make_grid
+
+        from flux3d.models.flow_matching import SamplerConfig
+        from flux3d.models.inference import generate
+        from flux3d.models.rasterizer import render_views
+        from flux3d.training.checkpoint import load_model
+
+        if self._decoder is None:
+            self._decoder = load_model(self.cfg.run.decoder_run, device=self.device)[0]
+        v = batch.voxels
+        was = model.training
+        model.eval()
+        g = generate(unwrap(model), self._decoder, self.cond_encoder(batch.cond[:1]),
+                     v.coords[:int(v.offsets[1]), 1:], SamplerConfig(steps=10)).gaussians
+        model.train(was)
+        H, W = batch.images.shape[-2:]
+        pred = render_views([g], batch.K[:1], batch.w2c[:1], H, W, batch.background[:1])
+        return make_grid(torch.cat([batch.images[:1, 0], pred[:, 0].clamp(0, 1)]), nrow=1)

@@ -1,0 +1,83 @@
+"""What one training step is, per model: the part of the loop that differs (torchtitan's FluxTrainer overrides only
+its step). `trainer.train_loop` owns everything else; `decoder_step` and `smdit_step` fill this base in.
+
+A step builds its model, its loader over the dataset version's shards, computes a step's loss from a `Batch`,
+counts the step's work (samples, tokens, FLOPs for MFU) and draws the image grid TensorBoard shows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from flux3d.config.training import TrainConfig
+from flux3d.training.data import Batch, make_loader, shard_urls
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (FSDP2 and plain modules are their own model)."""
+    return getattr(model, "module", model)
+
+
+def read_stats(version_dir: str) -> dict[str, Any]:
+    """A dataset version's stats.json (written last by `flux3d shard`: its presence marks the version complete)."""
+    import json
+
+    import fsspec
+
+    path = f"{version_dir.rstrip('/')}/stats.json"
+    try:
+        with fsspec.open(path, "rb") as f:
+            return json.load(f)
+    except FileNotFoundError as e:
+        raise ValueError(f"{path} does not exist: data.shards must be a complete dataset version") from e
+
+
+class Step:
+    needs_cond = False
+
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        self.stats = read_stats(cfg.data.shards)
+        grid = self.stats.get("voxel_resolution")
+        model_grid = cfg.decoder.gaussians.resolution if cfg.kind == "decoder" else cfg.smdit.grid
+        if grid is not None and grid != model_grid:
+            field = "decoder.gaussians.resolution" if cfg.kind == "decoder" else "smdit.grid"
+            raise ValueError(f"{cfg.data.shards} holds {grid}^3 voxels but {field} = {model_grid}")
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def step(self, model: nn.Module, batch: Batch, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
+        raise NotImplementedError
+
+    def work(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+        """Samples, tokens and model FLOPs of the step (FLOPs only on CUDA, where MFU is reported)."""
+        raise NotImplementedError
+
+    def images(self, model: nn.Module, batch: Batch) -> torch.Tensor | None:
+        return None
+
+    def loader(self, rank: int, world: int, start_epoch: int):  # noqa: ANN201 - a webdataset WebLoader
+        """An endless stream of this worker's batches: shards resampled per worker and rank, `epoch_samples` per
+        epoch (default: the split's assets spread over the workers), every epoch reproducible from the seed."""
+        d = self.cfg.data
+        urls = shard_urls(d.shards, d.split)
+        per_rank = d.epoch_samples or math.ceil(_split_size(d.shards, d.split) / world)
+        return make_loader(urls, batch_size=d.batch_size, num_workers=d.workers, resampled=True,
+                           epoch_samples=max(per_rank, 1), seed=self.cfg.run.seed, start_epoch=start_epoch,
+                           background=d.background, cond=self.needs_cond, views_per_sample=d.views_per_sample,
+                           shuffle_buffer=d.shuffle_buffer, pin_memory=self.device.type == "cuda")
+
+
+def _split_size(version_dir: str, split: str) -> int:
+    import fsspec
+
+    with fsspec.open(f"{version_dir.rstrip('/')}/index.parquet", "rb") as f:
+        table = pq.read_table(f, columns=["split"])
+    return int(pc.sum(pc.equal(table["split"], split)).as_py() or 0)

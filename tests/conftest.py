@@ -1,0 +1,61 @@
+"""Shared paths and fixtures of the test suite.
+
+../shared (beside the repository) holds the real assets and weights; tests that need it skip when it is absent:
+mark them `shared_assets`, or ask for the `shared_assets` / `taef1` fixtures. `synthetic_shards` writes tiny valid
+dataset versions without Blender (tests/datasets.py), once per set of arguments per session.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+ASSETS = SHARED / "assets"
+WEIGHTS = SHARED / "weights"
+TAEF1 = WEIGHTS / "taef1_encoder.safetensors"
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("shared_assets") and not ASSETS.is_dir():
+        pytest.skip(f"needs {ASSETS}")
+
+
+@pytest.fixture(scope="session")
+def shared_assets() -> Path:
+    """../shared/assets (good/ and bad/), or a skip."""
+    if not ASSETS.is_dir():
+        pytest.skip(f"needs {ASSETS}")
+    return ASSETS
+
+
+@pytest.fixture(scope="session")
+def taef1() -> Path:
+    """The TAEF1 encoder weights in ../shared/weights, or a skip."""
+    if not TAEF1.is_file():
+        pytest.skip(f"needs {TAEF1}")
+    return TAEF1
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory):
+    """`synthetic_shards(assets, **kwargs)` -> a `tests.datasets.Dataset` from `synthetic_dataset`, built once per
+    argument set and shared by the session (treat it as read-only)."""
+    from tests.datasets import synthetic_dataset
+
+    built: dict = {}
+    models: dict = {}
+
+    def make(assets: int, **kwargs):
+        key = (assets, tuple(sorted(kwargs.items())))
+        if key not in built:
+            if "encode" not in kwargs and not models:
+                from flux3d.demo import make_demo_models
+
+                models.update(make_demo_models(str(tmp_path_factory.mktemp("demo_models"))))
+            kwargs.setdefault("encode", models.get("encode"))
+            built[key] = synthetic_dataset(tmp_path_factory.mktemp("synthetic"), assets, **kwargs)
+        return built[key]
+
+    return make
