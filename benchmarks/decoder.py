@@ -21,8 +21,8 @@ import time
 import numpy as np
 import torch
 
-from flux3d.models.decoder import DecoderConfig, GaussianDecoder
-from flux3d.models.gaussians import GaussianConfig
+from flux3d.models.configs import DecoderConfig, GaussianConfig
+from flux3d.models.decoder import GaussianDecoder
 from flux3d.models.sparse import SparseBatch
 from flux3d.training.telemetry import peak_flops
 

@@ -21,8 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from decoder import batch_of, bench_args, timed  # noqa: E402 - the shared layout, timing and CLI helpers
 
+from flux3d.models.configs import SMDiTConfig  # noqa: E402
 from flux3d.models.flow_matching import SamplerConfig, flow_matching_loss, sample  # noqa: E402
-from flux3d.models.smdit import SMDiT, SMDiTConfig  # noqa: E402
+from flux3d.models.smdit import SMDiT  # noqa: E402
 from flux3d.training.telemetry import peak_flops  # noqa: E402
 
 

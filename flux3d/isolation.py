@@ -92,10 +92,11 @@ def run_isolated(fn: Callable, *args: Any, timeout_s: float, memory_mb: int | No
         if proc.is_alive():
             proc.join(timeout=1.0 if outcome and outcome[0] != "timeout" else 0)
         if proc.is_alive():
-            try:
+            # Kill the child itself first: if it timed out before its `os.setsid()` (still importing what its
+            # function needs), it leads no group yet and killpg alone would miss it, leaving join() to wait forever.
+            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         proc.join()
     finally:
         recv.close()

@@ -110,3 +110,20 @@ def test_per_asset_code_never_reads_the_catalog_and_training_never_reads_stages(
         if room == "training":
             offenders += [f"{name} imports {d}" for d in deps if d.startswith("flux3d.stages")]
     assert not offenders, offenders
+
+
+def test_config_code_never_imports_torch():
+    """Reading a config must stay cheap: the CLI's help, and every isolated child that unpickles a stage config,
+    import `flux3d.config`. With torch behind it (3+ s) a child could time out before it even started its work."""
+    graph = _graph()
+    offenders = []
+    for start in (name for name in graph if name.startswith("flux3d.config")):
+        seen, todo = set(), [start]
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            offenders += [f"{start} -> ... -> {name} imports {d}" for d in graph[name] if d.split(".")[0] == "torch"]
+            todo += [d for d in graph[name] if d in graph]
+    assert not offenders, offenders

@@ -20,7 +20,8 @@ from PIL import Image
 from flux3d.config.recipes import train_recipe as recipe
 from flux3d.config.training import apply_overrides
 from flux3d.features.vae import over_background
-from flux3d.models.decoder import DecoderConfig, GaussianDecoder
+from flux3d.models.configs import DecoderConfig
+from flux3d.models.decoder import GaussianDecoder
 from flux3d.models.rasterizer import rasterize
 from flux3d.training.checkpoint import load_model
 from flux3d.training.telemetry import read_metrics

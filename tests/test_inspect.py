@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -319,6 +320,21 @@ def test_timeout_kills_the_whole_process_group(tmp_path) -> None:
     while time.time() < deadline and not all(gone(p) for p in pids):
         time.sleep(0.05)
     assert all(gone(p) for p in pids), pids
+
+
+
+def test_timeout_before_the_child_leads_its_group_still_ends_it() -> None:
+    """A zero timeout fires while the child is still starting (before its setsid): the child must still be killed
+    and reaped, not waited on forever. Run in a thread so that a regression fails the test instead of hanging it."""
+    box: dict = {}
+    worker = threading.Thread(target=lambda: box.update(outcome=run_isolated(time.sleep, 60, timeout_s=0)),
+                              daemon=True)
+    t0 = time.monotonic()
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "run_isolated never returned after its timeout"
+    assert (box["outcome"].ok, box["outcome"].reason) == (False, "timeout")
+    assert time.monotonic() - t0 < 20
 
 
 USDA_BOX = textwrap.dedent("""\

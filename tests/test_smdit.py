@@ -10,10 +10,11 @@ import torch
 
 from flux3d.config.recipes import train_recipe as recipe
 from flux3d.config.training import apply_overrides
-from flux3d.models.decoder import DecoderConfig, GaussianDecoder
+from flux3d.models.configs import DecoderConfig, SMDiTConfig
+from flux3d.models.decoder import GaussianDecoder
 from flux3d.models.flow_matching import SamplerConfig, normalize, sample
 from flux3d.models.rasterizer import rasterize
-from flux3d.models.smdit import SMDiT, SMDiTConfig
+from flux3d.models.smdit import SMDiT
 from flux3d.models.sparse import SparseBatch
 from flux3d.training.checkpoint import load_model
 from flux3d.training.telemetry import read_metrics

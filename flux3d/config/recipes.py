@@ -30,7 +30,7 @@ from flux3d.config.training import (
     parse_value,
 )
 from flux3d.config.typecheck import build_dataclass
-from flux3d.models.gaussians import GaussianConfig
+from flux3d.models.configs import GaussianConfig
 
 # -- the pipeline (`flux3d pipeline --recipe`, `flux3d demo`) ----------------------------------------------------
 

@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from flux3d.config.typecheck import build_dataclass
-from flux3d.models.decoder import DecoderConfig
-from flux3d.models.gaussians import GaussianConfig
-from flux3d.models.smdit import SMDiTConfig
+from flux3d.models.configs import DecoderConfig, GaussianConfig, SMDiTConfig
 
 Kind = Literal["decoder", "smdit"]
 

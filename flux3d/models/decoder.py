@@ -16,44 +16,16 @@ window of 0 attends over each whole asset. Legend: M voxels of the packed batch,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from flux3d.models.attention import window_partition
-from flux3d.models.gaussians import RAW_CHANNELS, GaussianConfig, Gaussians, gaussians_from_raw
+from flux3d.models.configs import RAW_CHANNELS, DecoderConfig
+from flux3d.models.gaussians import Gaussians, gaussians_from_raw
 from flux3d.models.layers import Block, Groups, Sequences, attention_pairs, checkpointed
 from flux3d.models.rope import RotaryEmbedding, SinusoidalPositionEmbedding, rope_axes
-
-
-@dataclass(kw_only=True, slots=True)
-class DecoderConfig:
-    in_channels: int = 16
-    """FLUX VAE latent channels per voxel."""
-    width: int = 768
-    depth: int = 12
-    heads: int = 12
-    """Paper Tab. 6: 12 layers, 12 heads, width 768 (~85 M parameters)."""
-    mlp_ratio: float = 4.0
-    window: int = 8
-    """3D attention window (voxels per side), alternately shifted by half; 0 = full attention over each asset."""
-    position: Literal["ape", "rope", "none"] = "ape"
-    qk_norm: bool = False
-    latent_channels: int = 0
-    """0 = decoder-only (the paper's); > 0 = the encoder-decoder ablation with this latent width (paper: 8)."""
-    encoder_depth: int = 0
-    """Encoder blocks of the encoder-decoder ablation (0 = same as depth)."""
-    train_noise: bool = True
-    """Training input z = mu + sigma * eps (paper sec. 4.3); off = mu alone."""
-    gaussians: GaussianConfig = field(default_factory=GaussianConfig)
-
-    def __post_init__(self) -> None:
-        if self.width % self.heads or self.depth < 1 or self.window < 0 or self.latent_channels < 0:
-            raise ValueError("decoder: width must divide by heads, depth >= 1, window >= 0, latent_channels >= 0")
-        if self.position == "rope" and (self.width // self.heads) % 2:
-            raise ValueError("decoder.position = rope needs an even head width")
 
 
 @dataclass

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import qmc
 
-RAW_CHANNELS = 14
-"""Raw numbers per Gaussian: offset 3, SH DC colour 3, scale 3, rotation 4, opacity 1."""
+from flux3d.models.configs import RAW_CHANNELS, GaussianConfig
+
 SH_C0 = 0.28209479177387814
 """Degree-0 real spherical harmonic, 1 / (2 sqrt(pi)): rgb = 0.5 + SH_C0 * sh0 (the 3DGS convention)."""
 
@@ -41,39 +41,6 @@ SH_C0 = 0.28209479177387814
 PLY_PROPERTIES = ("x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
                   "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3")
 _PLY_DTYPE = np.dtype([(name, "<f4") for name in PLY_PROPERTIES])
-
-
-@dataclass(kw_only=True, slots=True, frozen=True)
-class GaussianConfig:
-    per_voxel: int = 32
-    """Gaussians per active voxel (TRELLIS: 32)."""
-    resolution: int = 64
-    """Voxel grid resolution R over the [-0.5, 0.5]^3 cube; a voxel is 1 / R wide."""
-    offset_range: float = 1.5
-    """TRELLIS `voxel_size`: a mean stays within +-offset_range / 2 voxels of its voxel centre per axis."""
-    scale_bias: float = 4e-3
-    """Scale (world units, before the 3D filter) of a zero raw scale: softplus(raw + inv_softplus(scale_bias))."""
-    filter_3d: float = 9e-4
-    """TRELLIS's 3D filter: every activated scale is sqrt(s^2 + filter_3d^2), so no Gaussian is thinner."""
-    opacity_bias: float = 0.1
-    """Opacity of a zero raw opacity: sigmoid(raw + logit(opacity_bias))."""
-    perturb_offsets: bool = True
-    """Start the K Gaussians of a voxel at Hammersley points spread over the voxel (TRELLIS `perturb_offset`)
-    rather than all at its centre, so they are not stacked and receive different gradients from step one."""
-
-    def __post_init__(self) -> None:
-        if self.per_voxel < 1 or self.resolution < 1:
-            raise ValueError(f"per_voxel and resolution must be >= 1, got {self.per_voxel}, {self.resolution}")
-        # The Hammersley starts span +-0.5 voxel, and atanh needs them strictly inside +-offset_range / 2.
-        if self.offset_range <= 1.0:
-            raise ValueError(f"offset_range must be > 1 (voxels) to hold the initial offsets, got {self.offset_range}")
-        if self.scale_bias <= 0 or self.filter_3d < 0 or not 0 < self.opacity_bias < 1:
-            raise ValueError("scale_bias must be > 0, filter_3d >= 0 and opacity_bias in (0, 1)")
-
-    @property
-    def raw_channels(self) -> int:
-        """Decoder output channels per voxel."""
-        return self.per_voxel * RAW_CHANNELS
 
 
 @dataclass

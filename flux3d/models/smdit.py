@@ -24,12 +24,12 @@ D width, H heads, Dh head width.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flux3d.models.configs import SMDiTConfig
 from flux3d.models.layers import MLP, Attention, Sequences, attend, attention_pairs, checkpointed, timestep_embedding
 from flux3d.models.rope import (
     RotaryEmbedding,
@@ -39,37 +39,6 @@ from flux3d.models.rope import (
     rope_axes,
 )
 from flux3d.models.sparse import SparseBatch, patchify, unpatchify
-
-
-@dataclass(kw_only=True, slots=True)
-class SMDiTConfig:
-    in_channels: int = 16
-    """FLUX latent channels (voxel features and image latents alike)."""
-    width: int = 1152
-    """Paper Tab. 6 says 1156, which 16 heads cannot divide; 1152 = 16 x 72 (DESIGN.md sec. 6)."""
-    heads: int = 16
-    double_blocks: int = 12
-    single_blocks: int = 12
-    """24 blocks in all (paper); the split is not published: 12 + 12 gives 818 M parameters vs the paper's 820 M."""
-    mlp_ratio: float = 4.0
-    qk_norm: bool = True
-    grid: int = 64
-    """Voxel grid of the latents; tokens live on grid / 2."""
-    arch: Literal["smdit", "dit"] = "smdit"
-    position: Literal["marope", "ape"] = "marope"
-    image_scale: float = 1.0
-    """MARoPE: image patch (i, j) at (i * s, j * s, z_max + 1); 1.0 = the paper's literal indices."""
-    theta: float = 10000.0
-
-    def __post_init__(self) -> None:
-        if self.width % self.heads or (self.width // self.heads) % 2:
-            raise ValueError("smdit.width must divide into heads of even width")
-        if self.double_blocks < 0 or self.single_blocks < 0 or self.double_blocks + self.single_blocks < 1:
-            raise ValueError("smdit needs at least one block")
-        if self.arch == "dit" and self.single_blocks:
-            raise ValueError("smdit.arch = dit uses double_blocks as its block count; set single_blocks = 0")
-        if self.grid % 2:
-            raise ValueError("smdit.grid must be even (2^3 patchify)")
 
 
 def _modulate(x_TD: torch.Tensor, shift_TD: torch.Tensor, scale_TD: torch.Tensor) -> torch.Tensor:
