@@ -272,11 +272,15 @@ def rasterize(g: Gaussians, w2c_C44: torch.Tensor, K_C33: torch.Tensor, width: i
     if background.shape not in ((3,), (C, 3)):
         raise ValueError(f"background must be (3,) or ({C}, 3), got {tuple(background.shape)}")
     background_C3 = background.to(g.means.device, dtype).expand(C, 3)
-    if backend == "gsplat":
-        if not g.means.is_cuda:
-            raise ValueError("the gsplat backend needs CUDA tensors")
-        return _rasterize_gsplat(g, w2c_C44, K_C33, width, height, background_C3.contiguous(), near, far, eps2d)
-    return _rasterize_torch(g, w2c_C44, K_C33, width, height, background_C3, near, far, eps2d)
+    if backend == "gsplat" and not g.means.is_cuda:
+        raise ValueError("the gsplat backend needs CUDA tensors")
+    # Geometry and compositing in fp32 whatever the caller's autocast: under bf16 the projection einsums and the
+    # alpha blending round to 8 bits of mantissa (about 1% error on the image and its gradients), which the
+    # training loss would then chase.
+    with torch.autocast(g.means.device.type, enabled=False):
+        if backend == "gsplat":
+            return _rasterize_gsplat(g, w2c_C44, K_C33, width, height, background_C3.contiguous(), near, far, eps2d)
+        return _rasterize_torch(g, w2c_C44, K_C33, width, height, background_C3, near, far, eps2d)
 
 
 def render_views(gaussians: list[Gaussians], K_BV33: torch.Tensor, w2c_BV44: torch.Tensor, height: int, width: int,
