@@ -129,9 +129,17 @@ def make_demo_models(folder: str) -> dict[str, dict[str, object]]:
                    "aesthetic_head": head, "aesthetic_threshold": -1e9, "aesthetic_thresholds": {}, "batch_size": 8},
         "encode": {"encoder": "flux_vae", "location": vae},
         # The evaluation's CLIP score uses the same tiny CLIP; its other networks are random (debug recipe).
-        "evaluate": {"recipe": "debug", "set": ["clip_model=demo_clip", f"clip_weights={clip_ckpt}",
-                                                f"clip_model_config={clip_cfg}"]},
+        "evaluate": {"recipe": "debug", "changes": {"clip_model": "demo_clip", "clip_weights": clip_ckpt,
+                                                    "clip_model_config": clip_cfg}},
     }
+
+
+def _toml_value(value: object) -> str:
+    """A TOML value: tables inline (recursively); strings, numbers, booleans and lists as JSON writes them, which
+    TOML reads alike."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
 
 
 def write_demo_config(path: str, models: str, overrides: dict[str, dict[str, object]] | None = None) -> str:
@@ -146,12 +154,7 @@ def write_demo_config(path: str, models: str, overrides: dict[str, dict[str, obj
     lines = ["# Written by `flux3d demo`: the debug recipe's toy sizes, and tiny random models.", ""]
     for name, values in sections.items():
         lines.append(f"[{name}]")
-        for key, value in values.items():
-            if isinstance(value, dict):
-                value = "{" + ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items()) + "}"
-            else:
-                value = json.dumps(value)
-            lines.append(f"{key} = {value}")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
         lines.append("")
     text = "\n".join(lines)
     if not os.path.exists(path) or open(path).read() != text:  # a re-run leaves an unchanged file untouched

@@ -30,10 +30,37 @@ def test_config_from_toml_with_overrides(tmp_path):
     ({"download.backoff_s": 120.0}, "must not exceed"),
     ({"ingest.batch_size": 0}, ">= 1"),
     ({"inspect.geometry_only_formats": "stl"}, "expected a list"),
+    ({"train.decoder": {"optim": {"lrr": 1e-4}}}, r"unknown key.*train\.decoder\.optim"),
+    ({"train.smdit": {"run": {"steps": "many"}}}, r"train\.smdit\.run\.steps: expected int"),
+    ({"evaluate.changes": {"assets": -1}}, "assets"),
+    ({"train.decoder": ["optim.lr=3e-4"]}, "expected a table"),
 ])
 def test_bad_config_raises_value_error(overrides, match):
     with pytest.raises(ValueError, match=match):
         load_config(overrides=overrides)
+
+
+def test_train_changes_are_typed_tables_that_add_to_the_recipe(tmp_path):
+    """`[train.<model>]` tables change the recipe's TrainConfig field by field; the pipeline's own settings (shards,
+    run folder, voxel grid, encoder) come in under them, and what the user names wins."""
+    from flux3d.config.recipes import train_recipe
+    from flux3d.flows.train import run_config
+
+    path = tmp_path / "run.toml"
+    path.write_text(f'[storage]\nroot = "{tmp_path}"\n[voxelize]\nresolution = 32\n'
+                    '[train.decoder.optim]\nlr = 3e-4\n[train.smdit]\nflow = {encoder_location = "/w/vae"}\n'
+                    'smdit = {grid = 32, width = 256}\n')
+    cfg = load_config(path, recipe="debug")  # the file's [train] tables replace the recipe's
+    decoder, smdit = run_config(cfg, "decoder", "v1"), run_config(cfg, "smdit", "v1")
+    base = train_recipe("decoder", "debug")  # run.steps = 400, not the debug pipeline's 40: its table is replaced
+    assert (decoder.optim.lr, decoder.optim.warmup_steps, decoder.run.steps) == (3e-4, base.optim.warmup_steps,
+                                                                                 base.run.steps)
+    assert decoder.decoder.gaussians.resolution == 32 and decoder.data.shards == f"{tmp_path}/shards/v1"
+    assert decoder.run.out == f"{tmp_path}/models/v1/decoder"
+    assert (smdit.smdit.width, smdit.smdit.grid, smdit.smdit.heads) == (256, 32, train_recipe("smdit", "debug").smdit.heads)
+    # The user named an encoder location: the pipeline's encoder is not laid over it.
+    assert (smdit.flow.encoder, smdit.flow.encoder_location) == (base.flow.encoder, "/w/vae")
+    assert smdit.run.decoder_run == f"{tmp_path}/models/v1/decoder"
 
 
 @pytest.mark.parametrize("spec", ["local", "ftp:x", "local:", "objaverse:lvis", "objaverse-xl:limit=ten"])

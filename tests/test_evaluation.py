@@ -72,7 +72,8 @@ def trained(tmp_path_factory, dataset):
 def _evaluate(run, *extra: str) -> dict:
     from flux3d.demo import make_demo_models
 
-    models = make_demo_models(str(run.parent / "models"))["evaluate"]["set"]  # the demo's tiny CLIP
+    changes = make_demo_models(str(run.parent / "models"))["evaluate"]["changes"]  # the demo's tiny CLIP
+    models = [f"{k}={v}" for k, v in changes.items()]
     args = [sys.executable, "-m", "flux3d.cli", "evaluate", "--run", str(run), "--recipe", "debug",
             "--set", "split=all", *sum((["--set", s] for s in models), []), *extra]
     p = subprocess.run(args, capture_output=True, text=True, timeout=600, check=False)

@@ -8,12 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from flux3d.config.pipeline import Config
-from flux3d.config.recipes import pipeline_recipe
+from flux3d.config.recipes import eval_config, pipeline_recipe, train_config
 from flux3d.config.typecheck import build_dataclass
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    return build_dataclass(Config, data, "")
+    """The run's Config; the training and evaluation changes it carries are built into their configs here too, so a
+    wrong key or type in `[train.decoder]` fails now, not when the train node starts."""
+    cfg = build_dataclass(Config, data, "")
+    for kind in ("decoder", "smdit"):
+        train_config(kind, cfg.train.recipe(kind), cfg.train.changes(kind))
+    eval_config(cfg.evaluate.recipe, changes=cfg.evaluate.changes)
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,

@@ -1,10 +1,21 @@
 """Config sections of the model half of the pipeline flow: `[train]` (which training recipes run on each new dataset
-version, and the overrides on top; the recipes are `flux3d.config.recipes`) and `[evaluate]` (the evaluation
-recipe, `flux3d.config.evaluation`)."""
+version, and typed changes on top; the recipes are `flux3d.config.recipes`) and `[evaluate]` (the evaluation recipe,
+`flux3d.config.evaluation`, and its changes).
+
+The changes are TOML tables shaped like the config they change, so a typo or a wrong type fails when the run's config
+is loaded (`config.load` builds both training configs and the evaluation config from them), not hours later when the
+train node starts:
+
+    [train.decoder.optim]
+    lr = 3e-4
+    [train.smdit]
+    run = {steps = 1000}
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(kw_only=True, slots=True)
@@ -12,9 +23,11 @@ class TrainSection:
     decoder_recipe: str = "paper"
     """Decoder training recipe (debug | paper) the pipeline runs."""
     smdit_recipe: str = "paper"
-    decoder_set: list[str] = field(default_factory=list)
-    """Overrides on the decoder recipe, as `flux3d train --set` takes them: ["optim.lr=3e-4", "run.steps=1000"]."""
-    smdit_set: list[str] = field(default_factory=list)
+    decoder: dict[str, Any] = field(default_factory=dict)
+    """Changes on the decoder recipe's TrainConfig, as nested tables ({"optim": {"lr": 3e-4}}). A file's table
+    replaces the recipe's whole table, as any other field."""
+    smdit: dict[str, Any] = field(default_factory=dict)
+    """Changes on the SMDiT recipe's TrainConfig; flow.encoder defaults to the encoder the features were made with."""
     runs: str = "models"
     """Run directories live at <root>/<runs>/<dataset version>/{decoder,smdit,eval}, beside models/promoted.json:
     one set per dataset version, so a re-run of the pipeline resumes (or skips) them and a new version trains
@@ -26,19 +39,21 @@ class TrainSection:
         for name in (self.decoder_recipe, self.smdit_recipe):
             if name not in ("debug", "paper"):
                 raise ValueError(f"train recipes are debug or paper, got {name!r}")
-        if any("=" not in o for o in self.decoder_set + self.smdit_set):
-            raise ValueError("train.decoder_set / smdit_set entries are key=value strings")
+
+    def recipe(self, kind: str) -> str:
+        return self.decoder_recipe if kind == "decoder" else self.smdit_recipe
+
+    def changes(self, kind: str) -> dict[str, Any]:
+        return self.decoder if kind == "decoder" else self.smdit
 
 
 @dataclass(kw_only=True, slots=True)
 class EvaluateSection:
     recipe: str = "paper"
     """Evaluation recipe (debug | paper; flux3d.config.evaluation) the pipeline's evaluate node runs."""
-    set: list[str] = field(default_factory=list)
-    """Overrides: ["assets=200", "lpips_backbone=/weights/vgg16.pth", ...]."""
+    changes: dict[str, Any] = field(default_factory=dict)
+    """Fields changed on the recipe: {assets = 200, lpips_backbone = "/weights/vgg16.pth"}."""
 
     def __post_init__(self) -> None:
         if self.recipe not in ("debug", "paper"):
             raise ValueError(f"evaluate.recipe must be debug or paper, got {self.recipe!r}")
-        if any("=" not in o for o in self.set):
-            raise ValueError("evaluate.set entries are key=value strings")

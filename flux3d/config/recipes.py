@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 from flux3d.config.evaluation import EvalConfig
 from flux3d.config.model_flow import EvaluateSection, TrainSection
@@ -29,7 +30,7 @@ from flux3d.config.training import (
     TrainConfig,
     parse_value,
 )
-from flux3d.config.typecheck import build_dataclass
+from flux3d.config.typecheck import build_dataclass, merged
 from flux3d.models.configs import GaussianConfig
 
 # -- the pipeline (`flux3d pipeline --recipe`, `flux3d demo`) ----------------------------------------------------
@@ -51,8 +52,8 @@ def pipeline_debug() -> Config:
     cfg.flow = dataclasses.replace(cfg.flow, batch_size=4, commit_every=2, ray_dashboard=False)
     # Toy training: enough steps to see the loss fall and exercise every node, not to learn the assets.
     cfg.train = TrainSection(decoder_recipe="debug", smdit_recipe="debug",
-                             decoder_set=["run.steps=40", "run.ckpt_every=20"],
-                             smdit_set=["run.steps=40", "run.ckpt_every=20"])
+                             decoder={"run": {"steps": 40, "ckpt_every": 20}},
+                             smdit={"run": {"steps": 40, "ckpt_every": 20}})
     cfg.evaluate = EvaluateSection(recipe="debug")
     return cfg
 
@@ -126,6 +127,11 @@ def train_recipe(kind: str, name: str) -> TrainConfig:
     return TRAINING[kind][name]()
 
 
+def train_config(kind: str, name: str, changes: dict[str, Any] | None = None) -> TrainConfig:
+    """A training recipe with typed changes laid over it (`[train.decoder]` tables), every section checked again."""
+    return build_dataclass(TrainConfig, merged(train_recipe(kind, name).to_dict(), changes or {}), f"train.{kind}")
+
+
 # -- evaluation (`flux3d evaluate --recipe`) ----------------------------------------------------------------------
 
 
@@ -148,9 +154,10 @@ def eval_recipe(name: str) -> EvalConfig:
     return EVALUATION[name]()
 
 
-def eval_config(recipe: str, sets: list[str] | None = None) -> EvalConfig:
-    """A recipe with `key=value` overrides (TOML values), as `flux3d evaluate --set` and `[evaluate] set` give them."""
-    data = dataclasses.asdict(eval_recipe(recipe))
+def eval_config(recipe: str, sets: list[str] | None = None, changes: dict[str, Any] | None = None) -> EvalConfig:
+    """A recipe with typed `changes` (`[evaluate] changes`), then `key=value` overrides (TOML values) as
+    `flux3d evaluate --set` gives them."""
+    data = merged(dataclasses.asdict(eval_recipe(recipe)), changes or {})
     for o in sets or []:
         key, sep, value = o.partition("=")
         if not sep or key not in data:

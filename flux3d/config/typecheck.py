@@ -12,6 +12,8 @@ from typing import Any
 
 def _check_type(where: str, value: Any, tp: Any) -> Any:
     """Validate one TOML value against a field annotation (the subset of types config fields use)."""
+    if tp is Any:  # a table of changes on another config, checked when that config is built from it
+        return value
     origin = typing.get_origin(tp)
     if origin is typing.Literal:
         if value not in typing.get_args(tp):
@@ -68,3 +70,11 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str = "") -> Any:
         else:
             kwargs[name] = _check_type(sub_where, value, tp)
     return cls(**kwargs)
+
+
+def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` laid over it table by table: nested tables merge, any other value replaces."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

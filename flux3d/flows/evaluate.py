@@ -27,7 +27,7 @@ def evaluate_task(cfg: Config, version: str) -> dict[str, Any]:
     storage = Storage(cfg.storage.root)
     run = storage.path(cfg.train.runs, version)
     out = f"{run}/eval"
-    ecfg = eval_config(cfg.evaluate.recipe, cfg.evaluate.set)
+    ecfg = eval_config(cfg.evaluate.recipe, changes=cfg.evaluate.changes)
     if Storage(out).exists("report.json"):  # the same models and settings evaluated already: nothing to redo
         done = json.loads(Storage(out).read_bytes("report.json"))
         steps = [ckpt_io.resolve(f"{run}/{k}")[1].step for k in ("decoder", "smdit")]

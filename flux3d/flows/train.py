@@ -14,30 +14,32 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 
 from flux3d.config.pipeline import Config
+from flux3d.config.typecheck import merged
 from flux3d.executors.ray import connect
 from flux3d.flows.data import flow_config
 from flux3d.storage import Storage
 
 
 def run_config(cfg: Config, kind: str, version: str):  # noqa: ANN201 - TrainConfig
-    """The TrainConfig a pipeline's model node runs: its recipe, the shards of `version`, its run directory."""
-    from flux3d.config.recipes import train_recipe as recipe
-    from flux3d.config.training import apply_overrides
+    """The TrainConfig a pipeline's model node runs: its recipe, the shards of `version`, its run directory, and
+    `[train.<kind>]`'s changes on top."""
+    from flux3d.config.recipes import train_config
 
     storage = Storage(cfg.storage.root)
     t = cfg.train
-    sets = list(t.decoder_set if kind == "decoder" else t.smdit_set)
-    base = recipe(kind, t.decoder_recipe if kind == "decoder" else t.smdit_recipe)
+    changes = t.changes(kind)
+    run: dict[str, Any] = {"out": storage.path(t.runs, version, kind)}
     # The models' voxel grid is the one this pipeline voxelized at (the trainer refuses a mismatch).
-    grid = f"decoder.gaussians.resolution={cfg.voxelize.resolution}" if kind == "decoder" else \
-        f"smdit.grid={cfg.voxelize.resolution}"
-    overrides = [f"data.shards={storage.path('shards', version)}",
-                 f"run.out={storage.path(t.runs, version, kind)}", grid, *sets]
-    if kind == "smdit":
-        overrides.append(f"run.decoder_run={storage.path(t.runs, version, 'decoder')}")
-        if not any(o.startswith("flow.encoder") for o in sets):  # the encoder the features were made with
-            overrides += [f"flow.encoder={cfg.encode.encoder}", f"flow.encoder_location={cfg.encode.location}"]
-    return apply_overrides(base, overrides)
+    derived: dict[str, Any] = {"data": {"shards": storage.path("shards", version)}, "run": run}
+    if kind == "decoder":
+        derived["decoder"] = {"gaussians": {"resolution": cfg.voxelize.resolution}}
+    else:
+        derived["smdit"] = {"grid": cfg.voxelize.resolution}
+        run["decoder_run"] = storage.path(t.runs, version, "decoder")
+        flow = changes.get("flow", {})
+        if "encoder" not in flow and "encoder_location" not in flow:  # the encoder the features were made with
+            derived["flow"] = {"encoder": cfg.encode.encoder, "encoder_location": cfg.encode.location}
+    return train_config(kind, t.recipe(kind), merged(derived, changes))
 
 
 @task(name="train-model", cache_policy=NONE, task_run_name="train-{kind}")
