@@ -305,3 +305,30 @@ def test_a_version_written_by_the_shard_builder_loads_exactly(synthetic_shards):
             png = np.asarray(Image.open(folder / frames[j]["file_path"]).convert("RGBA"))
             np.testing.assert_allclose(batch.images[b, v].numpy(), _composite(png, 0.0), rtol=0, atol=1e-6)
         assert batch.images[b].amax() > 0  # the asset is in view
+
+
+def test_token_budget_packs_batches_that_never_pass_it(dataset):
+    """Batches hold at most `token_budget` voxels and `batch_size` assets, each closed only when the next sample
+    would not fit; every asset arrives once, exact."""
+    sizes = {k: len(a.coords) for k, a in dataset.assets.items()}
+    budget = 40  # the assets have 7..34 voxels: one to three fit a batch
+    batches = list(make_dataset(dataset.train, batch_size=3, token_budget=budget, shuffle_buffer=0))
+    assert sorted(_keys(batches)) == dataset.train_keys
+    for batch, following in zip(batches, [*batches[1:], None]):
+        _check(batch, dataset.assets)
+        tokens = sum(sizes[k] for k in batch.keys)
+        assert tokens <= budget and len(batch.keys) <= 3
+        if following is not None:  # packed, not merely bounded: the next asset would not have fit
+            assert len(batch.keys) == 3 or tokens + sizes[following.keys[0]] > budget
+    assert len(batches) < len(dataset.train_keys)  # several assets share a batch
+
+
+def test_an_asset_over_the_token_budget_is_skipped_with_its_reason(dataset):
+    sizes = {k: len(a.coords) for k, a in dataset.assets.items()}
+    seen: list[str] = []
+    batches = list(make_dataset(dataset.train, batch_size=4, token_budget=20, shuffle_buffer=0,
+                                handler=lambda e: seen.append(str(e)) or True))
+    assert sorted(_keys(batches)) == sorted(k for k in dataset.train_keys if sizes[k] <= 20)
+    over = sorted(k for k in dataset.train_keys if sizes[k] > 20)
+    assert over and sorted(m.split()[1].rstrip(":") for m in seen) == over
+    assert all("token_budget = 20" in m for m in seen)

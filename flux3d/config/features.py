@@ -80,10 +80,13 @@ class ShardConfig:
     split_seed: int = 0
     workers: int = 2
     """Assets prepared in parallel (threads: WebP encoding and file reads release the GIL)."""
+    max_voxels: int = 0
+    """Assets with more active voxels are left out of the version, recorded failed:over_voxel_cap in the catalog
+    (a training batch must fit its token budget, `data.token_budget`); 0 = no cap."""
 
     def __post_init__(self) -> None:
-        if self.max_bytes < 1 << 16 or self.workers < 1:
-            raise ValueError("shard.max_bytes must be at least 64 KiB and shard.workers >= 1")
+        if self.max_bytes < 1 << 16 or self.workers < 1 or self.max_voxels < 0:
+            raise ValueError("shard.max_bytes must be at least 64 KiB, shard.workers >= 1 and max_voxels >= 0")
         if self.supervision_views < 1 or self.cond_views < 0:
             raise ValueError("shard.supervision_views must be >= 1 and shard.cond_views >= 0")
         if self.cond not in ("images", "latents"):

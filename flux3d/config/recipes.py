@@ -70,10 +70,19 @@ def pipeline_recipe(name: str) -> Config:
 # -- training (`flux3d train <model> --recipe`) -------------------------------------------------------------------
 
 
+# Voxels per batch per GPU in the paper recipes: 8 assets at the 60K-voxel cap (shard.max_voxels, as
+# configs/cluster.toml sets it). `benchmarks/memory.py` measured what fits 80 GB with gradient checkpointing:
+# ~1.0 M voxels for the decoder (with 8 views of SSIM + LPIPS at 512 px), ~0.77 M for the SMDiT under DDP; without
+# checkpointing the decoder fits ~150K and the SMDiT not even its 8 assets' image tokens. So both checkpoint, and
+# the budget holds any batch of 8 capped assets with room to spare.
+PAPER_TOKEN_BUDGET = 480_000
+
+
 def decoder_paper() -> TrainConfig:
     return TrainConfig(kind="decoder", recipe="paper", decoder=DecoderConfig(),
-                       data=DataConfig(batch_size=8, workers=8, views_per_sample=1),
-                       optim=OptimConfig(lr=1e-4, warmup_steps=1000), scale=ScaleConfig(num_workers=8),
+                       data=DataConfig(batch_size=8, workers=8, views_per_sample=1, token_budget=PAPER_TOKEN_BUDGET),
+                       optim=OptimConfig(lr=1e-4, warmup_steps=1000),
+                       scale=ScaleConfig(num_workers=8, grad_checkpointing=True),
                        run=RunConfig(out="runs/decoder", steps=100_000))
 
 
@@ -93,7 +102,7 @@ def decoder_debug() -> TrainConfig:
 
 def smdit_paper() -> TrainConfig:
     return TrainConfig(kind="smdit", recipe="paper", smdit=SMDiTConfig(),
-                       data=DataConfig(batch_size=8, workers=8, views_per_sample=1),
+                       data=DataConfig(batch_size=8, workers=8, views_per_sample=1, token_budget=PAPER_TOKEN_BUDGET),
                        optim=OptimConfig(lr=1e-4, warmup_steps=1000),
                        scale=ScaleConfig(num_workers=8, grad_checkpointing=True),
                        run=RunConfig(out="runs/smdit", steps=200_000))

@@ -25,7 +25,11 @@ class DataConfig:
     """A dataset version folder (shards/<version>, local or any fsspec URL), as `flux3d shard` wrote it."""
     split: str = "train"
     batch_size: int = 8
-    """Assets per step per worker (paper: 8 per GPU)."""
+    """Assets per step per worker (paper: 8 per GPU); with a token budget, the most a batch may hold."""
+    token_budget: int = 0
+    """Voxels per batch per worker: samples are packed in stream order until the next would pass the budget (or
+    batch_size), so a step's activation memory is bounded whatever the assets' sizes; 0 = batch_size assets.
+    Recipes set it from `benchmarks/memory.py`'s measurement; shard.max_voxels keeps larger assets out."""
     workers: int = 4
     """DataLoader processes per training worker (webdataset decoding; 0 = in the training process)."""
     views_per_sample: int = 1
@@ -39,6 +43,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.workers < 0 or self.views_per_sample < 1 or self.epoch_samples < 0:
             raise ValueError("data.batch_size and views_per_sample must be >= 1, workers and epoch_samples >= 0")
+        if self.token_budget < 0:
+            raise ValueError("data.token_budget must be >= 0 (0 = no budget)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -48,7 +54,14 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    """Linear warm-up from 0, then constant (the paper states no schedule)."""
+    """Linear warm-up from 0 over this many steps, then `decay`."""
+    decay: Literal["constant", "cosine", "linear"] = "constant"
+    """After warm-up: hold lr (the paper states no schedule), or decay it to final_lr * lr at run.steps."""
+    final_lr: float = 0.1
+    """The decayed schedules' last lr, as a fraction of lr."""
+    grad_accum: int = 1
+    """Batches per optimiser step: gradients of `grad_accum` batches are summed (each loss / grad_accum) before the
+    step, so a global batch of 64 assets needs not 8 GPUs (DDP syncs only on the last one)."""
     grad_clip: float = 1.0
     """Max global gradient norm; 0 disables."""
     ema_decay: float = 0.9999
@@ -57,6 +70,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0 or len(self.betas) != 2 or not 0 <= self.ema_decay < 1 or self.grad_clip < 0:
             raise ValueError("optim: lr > 0, two betas, 0 <= ema_decay < 1, grad_clip >= 0")
+        if self.grad_accum < 1 or not 0 <= self.final_lr <= 1 or self.warmup_steps < 0:
+            raise ValueError("optim: grad_accum >= 1, 0 <= final_lr <= 1, warmup_steps >= 0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -75,6 +90,10 @@ class ScaleConfig:
     """torch.compile the blocks (GPU; packed shapes vary per batch, so dynamic shapes)."""
     attention: str = "auto"
     """Packed attention kernel: auto | flash | varlen | nested | bucketed | padded (flux3d.models.attention)."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms: runs and resumes identical to the bit. Without it CPU training differs
+    from run to run in the last float digits (index_put with accumulate, in the rasterizer's and attention's
+    backward, adds in thread order), which Adam can grow to ~1e-6 in the weights; on GPU it costs speed."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:

@@ -3,7 +3,7 @@
 The version is a hash of the settings and the kept-asset list (`shards.build.dataset_version`), so the same
 catalog gives the same version and a run over a finished version does nothing. An interrupted run resumes after
 its last finished shard (`shards.writer.ShardSet`). Every asset's outcome goes to the catalog's `shard` stage
-with the version as its params: ok with its shard, or failed with a reason (bad_features, bad_render).
+with the version as its params: ok with its shard, or failed with a reason (bad_features, bad_render, over_voxel_cap).
 """
 
 from __future__ import annotations

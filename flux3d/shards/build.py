@@ -39,8 +39,11 @@ def split_of(sha256: str, val_fraction: float, seed: int) -> str:
 
 def dataset_version(cfg: Config, keys: list[str]) -> str:
     """Hash of everything that decides the shards' contents: shard settings, feature params, the kept assets."""
-    h = hashlib.sha256(json.dumps({"format": SHARD_FORMAT, "shard": section_params(cfg.shard),
-                                   "encode": encode_params(cfg)}, sort_keys=True).encode())
+    shard = section_params(cfg.shard)
+    if not shard["max_voxels"]:  # added after versions existed: hashed only when set, so they keep their names
+        del shard["max_voxels"]
+    h = hashlib.sha256(json.dumps({"format": SHARD_FORMAT, "shard": shard, "encode": encode_params(cfg)},
+                                  sort_keys=True).encode())
     for key in sorted(keys):
         h.update(key.encode())
     return h.hexdigest()[:16]
@@ -72,6 +75,8 @@ def make_item(row: dict[str, Any], cfg: Config, storage: Storage, version: str) 
         cond_latents = f["cond"] if cfg.shard.cond == "latents" else None
     except (OSError, ValueError, KeyError) as e:
         raise SampleError("bad_features", f"{row['features_path']}: {e}") from e
+    if cfg.shard.max_voxels and len(coords) > cfg.shard.max_voxels:
+        raise SampleError("over_voxel_cap", f"{len(coords)} active voxels, shard.max_voxels = {cfg.shard.max_voxels}")
     (views, n_views, res), (cond, n_cond, cond_res) = view_sets(cfg.render)[:2]
     try:
         cams, paths = _cameras(storage, render_dir, views, spread(n_views, cfg.shard.supervision_views))

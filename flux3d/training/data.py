@@ -261,9 +261,34 @@ def collate(samples: list[Sample]) -> Batch:
     )
 
 
+def pack_to_budget(src: Iterable[Sample], batch_size: int, token_budget: int,
+                   handler: Callable[[Exception], bool] = skip_bad_sample) -> Iterator[Batch]:
+    """Batches in stream order of at most `batch_size` samples and `token_budget` voxels in all: a batch is closed
+    when the next sample would pass either. Activation memory grows with the voxels of a batch, not its asset count,
+    so a budget bounds a step's memory where a fixed batch size cannot (TRELLIS balances by voxel count too). A sample
+    larger than the whole budget could never fit: it goes to `handler` (the dataset version's shard.max_voxels
+    should have kept it out)."""
+    batch: list[Sample] = []
+    tokens = 0
+    for sample in src:
+        n = len(sample["coords"])
+        if n > token_budget:
+            if handler(ValueError(f"sample {sample['__key__']}: {n} voxels, more than data.token_budget = "
+                                  f"{token_budget}; set shard.max_voxels to keep such assets out")):
+                continue
+            break
+        if batch and (len(batch) == batch_size or tokens + n > token_budget):
+            yield collate(batch)
+            batch, tokens = [], 0
+        batch.append(sample)
+        tokens += n
+    if batch:
+        yield collate(batch)
+
+
 def make_dataset(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: int = 256, resampled: bool = False,
                  seed: int = 0, background: Background = "random", cond: bool = True, views_per_sample: int = 1,
-                 epoch_samples: int | None = None, start_epoch: int = 0,
+                 epoch_samples: int | None = None, start_epoch: int = 0, token_budget: int = 0,
                  handler: Callable[[Exception], bool] = skip_bad_sample) -> wds.DataPipeline:
     """An iterable of `Batch`es over the shards at `urls` (local paths or fsspec URLs; see `shard_urls`).
 
@@ -276,6 +301,7 @@ def make_dataset(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: 
     turns shuffling off. background: "random" = black or white per sample, as TRELLIS trains its decoder.
     start_epoch: the first epoch this pipeline yields (every epoch's stream is a function of the seed and its
     number), so a resumed training run continues the stream it stopped in instead of replaying epoch 0.
+    token_budget: > 0 packs batches to at most this many voxels (and `batch_size` samples; `pack_to_budget`).
     Bad samples and shards are passed to `handler` (default: log and skip).
     """
     url_list = [urls] if isinstance(urls, str) else list(urls)
@@ -283,8 +309,9 @@ def make_dataset(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: 
         raise ValueError("no shard URLs")
     if background not in ("random", "white", "black"):
         raise ValueError(f"background must be random, white or black, not {background!r}")
-    if batch_size < 1 or views_per_sample < 1:
-        raise ValueError(f"batch_size ({batch_size}) and views_per_sample ({views_per_sample}) must be >= 1")
+    if batch_size < 1 or views_per_sample < 1 or token_budget < 0:
+        raise ValueError(f"batch_size ({batch_size}) and views_per_sample ({views_per_sample}) must be >= 1, "
+                         f"token_budget ({token_budget}) >= 0")
     if resampled:
         resampler = wds.ResampledShards(url_list, seed=seed, deterministic=True)
         resampler.epoch = start_epoch - 1  # it counts its own epochs the same way (+1 per iteration)
@@ -300,7 +327,8 @@ def make_dataset(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: 
         _Shuffle(seed, start_epoch, shuffle_buffer),
         wds.map(_decode_images, handler=handler),
         None if epoch_samples is None else partial(_worker_share, total=epoch_samples),
-        wds.batched(batch_size, collation_fn=collate, partial=True),
+        partial(pack_to_budget, batch_size=batch_size, token_budget=token_budget, handler=handler) if token_budget
+        else wds.batched(batch_size, collation_fn=collate, partial=True),
     )
 
 

@@ -72,7 +72,8 @@ class Step:
         return make_loader(urls, batch_size=d.batch_size, num_workers=d.workers, resampled=True,
                            epoch_samples=max(per_rank, 1), seed=self.cfg.run.seed, start_epoch=start_epoch,
                            background=d.background, cond=self.needs_cond, views_per_sample=d.views_per_sample,
-                           shuffle_buffer=d.shuffle_buffer, pin_memory=self.device.type == "cuda")
+                           shuffle_buffer=d.shuffle_buffer, token_budget=d.token_budget,
+                           pin_memory=self.device.type == "cuda")
 
 
 def _split_size(version_dir: str, split: str) -> int:

@@ -99,13 +99,47 @@ def _state_io():  # noqa: ANN202 - the torch.distributed.checkpoint helpers, imp
     return sd, sd.StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def _lr_lambda(warmup: int):  # noqa: ANN202
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """The lr multiplier of optimiser step `step` (0-based): linear warm-up, then constant or a cosine or linear
+    decay to `final_lr` at run.steps."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - o.warmup_steps) / max(1, cfg.run.steps - o.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.decay == "cosine" else 1.0 - progress
+    return o.final_lr + (1.0 - o.final_lr) * shape
+
+
+def _no_sync(model: nn.Module, last: bool):  # noqa: ANN202 - a context manager
+    """Skip the gradient all-reduce on all but the last batch of an accumulated step (DDP; FSDP2 by its switch)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not last:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def _add_work(total: dict[str, float], work: dict[str, float]) -> dict[str, float]:
+    return {k: total.get(k, 0.0) + v for k, v in work.items()}
 
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """One worker's training (Ray Train calls it on every worker with the same `config`, a TrainConfig dict)."""
     cfg: TrainConfig = from_dict(TrainConfig, config)
+    # A process-wide switch: set for this run, then put back (local runs share the caller's process).
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if cfg.scale.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _train(cfg)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
     rank, world, local_rank = _dist_info()
     use_cuda = torch.cuda.is_available() and cfg.scale.use_gpu is not False
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
@@ -122,7 +156,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                               betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
                               fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(cfg.optim.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, cfg))
     ema = EMA(unwrap(model), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
 
     step, epoch, skip = 0, 0, 0
@@ -133,9 +167,13 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         sd.set_model_state_dict(model, ckpt_io.load_weights(run, found), options=opts)
         sd.set_optimizer_state_dict(model, optim, state["optim"], options=opts)
         sched.load_state_dict(state["sched"])
+        # The optimiser state carries the lr of the run that saved it; this run's schedule (run.steps may have
+        # grown, changing a decay) decides the next step's.
+        for group, base in zip(optim.param_groups, sched.base_lrs, strict=True):
+            group["lr"] = base * lr_factor(found.step, cfg)
         if ema is not None:
             ema.load_state_dict(ckpt_io.load_weights(run, found, "ema"))
-        step, epoch, skip = found.step, state["epoch"], state["batches"]
+        step, (epoch, skip) = found.step, _position(state, rank, world)
         log.info("rank %d: resumed %s at step %d (epoch %d, batch %d)", rank, run.path(found.rel), step, epoch, skip)
     elif rank == 0:
         run.write_bytes("config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True).encode())
@@ -148,6 +186,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                  " bf16" if bf16 else "")
     last: dict[str, float] = {}
     model.train()
+    accum = cfg.optim.grad_accum
+    micro, loss_sum, work = 0, None, {}
     while step < cfg.run.steps:
         batches = 0
         for batch in loader:
@@ -155,11 +195,17 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             if batches <= skip:
                 continue  # fast-forward to where the checkpoint stopped in this epoch
             batch = batch.to(device, non_blocking=True)
-            gen = torch.Generator(device).manual_seed(_step_seed(cfg.run.seed, rank, step))
+            # One seed per batch: (step, micro) for accumulated steps, (step) alone without accumulation.
+            gen = torch.Generator(device).manual_seed(_step_seed(cfg.run.seed, rank, step * accum + micro))
             autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-            with autocast:
+            micro += 1
+            with _no_sync(model, micro == accum), autocast:
                 loss, parts = model_step.step(model, batch, gen)
-            loss.backward()
+            (loss / accum if accum > 1 else loss).backward()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            work = _add_work(work, model_step.work(model, batch))
+            if micro < accum:
+                continue
             grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                          if cfg.optim.grad_clip > 0 else torch.tensor(0.0))
             optim.step()
@@ -168,8 +214,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             if ema is not None:
                 ema.update()
             step += 1
-            values = {"loss": loss.detach(), **parts, "grad_norm": grad_norm.detach(), "lr": sched.get_last_lr()[0]}
-            logged = telemetry.step(step, values, model_step.work(model, batch))
+            values = {"loss": loss_sum / accum, **parts, "grad_norm": grad_norm.detach(),
+                      "lr": sched.get_last_lr()[0]}
+            logged = telemetry.step(step, values, work)
+            micro, loss_sum, work = 0, None, {}
             if logged:  # checked at log steps only: a per-step .item() would stall the GPU queue every step
                 last = logged
                 if not math.isfinite(last["loss"]):
@@ -196,17 +244,39 @@ def _save(run: Storage, cfg: TrainConfig, model: nn.Module, optim: torch.optim.O
           ema: EMA | None, step: int, epoch: int, batches: int, metrics: dict[str, float], telemetry: Telemetry,
           rank: int) -> None:
     sd, opts = _state_io()
+    # Every rank's place in its data stream: with token budgets, ranks consume different numbers of batches.
+    positions = [[epoch, batches]]
+    if dist.is_available() and dist.is_initialized():
+        positions = [None] * dist.get_world_size()
+        dist.all_gather_object(positions, [epoch, batches])
     weights = sd.get_model_state_dict(model, options=opts)  # a collective under FSDP: every rank calls it
     optim_state = sd.get_optimizer_state_dict(model, optim, options=opts)
     ema_state = ema.state_dict() if ema is not None else None
     if rank == 0:
         telemetry.flush(step)
         ckpt_io.save(run, step, model=weights, ema=ema_state,
-                     state={"optim": optim_state, "sched": sched.state_dict(), "epoch": epoch, "batches": batches},
+                     state={"optim": optim_state, "sched": sched.state_dict(), "epoch": epoch, "batches": batches,
+                            "positions": positions},
                      meta={"config": cfg.to_dict(), "metrics": metrics, "kind": cfg.kind},
                      keep=cfg.run.keep_checkpoints)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _position(state: dict[str, Any], rank: int, world: int) -> tuple[int, int]:
+    """Where this rank's data stream resumes: its own saved (epoch, batches) when the world size is the one saved;
+    on another world size the streams cannot continue (each rank's stream is seeded by its rank and the worker
+    count), so every rank restarts at the start of rank 0's saved epoch and the run is no longer exact in its
+    data order (weights, optimiser, EMA, schedule and step are kept)."""
+    positions = state.get("positions")
+    if positions is None:  # saved before per-rank positions, when every rank had consumed as many batches
+        return int(state["epoch"]), int(state["batches"])
+    if len(positions) == world:
+        epoch, batches = positions[rank]
+        return int(epoch), int(batches)
+    log.warning("resuming on %d worker(s) a run saved on %d: data order restarts at epoch %d", world,
+                len(positions), positions[0][0])
+    return int(positions[0][0]), 0
 
 
 def fit(cfg: TrainConfig, *, local: bool = False, ray_address: str | None = None,
