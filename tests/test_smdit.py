@@ -93,6 +93,7 @@ def assets(tmp_path_factory):
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(900)  # two whole debug trainings: ~3.5 min idle, past the 300 s default on a loaded machine
 def test_debug_smdit_overfits_a_handful_of_real_assets(assets, tmp_path):
     """Train the debug decoder and the debug SMDiT on three real assets; then, from each asset's conditioning image,
     the sampler must reproduce that asset's latents, and the decoder must render them close to the ground truth.
