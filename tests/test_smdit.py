@@ -89,7 +89,7 @@ def assets(tmp_path_factory):
     if not all((GOOD / n).is_file() for n in names) or not TAEF1.is_file():
         pytest.skip("needs ../shared/assets and the TAEF1 weights")
     return build_dataset(tmp_path_factory.mktemp("three"), [GOOD / n for n in names], views=16, resolution=64,
-                         voxels=32, supervision_views=16, cond_views=1, cond_resolution=64)
+                         voxels=16, supervision_views=16, cond_views=1, cond_resolution=64)
 
 
 @pytest.mark.integration
@@ -108,10 +108,10 @@ def test_debug_smdit_overfits_a_handful_of_real_assets(assets, tmp_path):
 
     base = {"data.shards": assets.version_dir, "run.image_every": 0}
     decoder_cfg = apply_overrides(recipe("decoder", "debug"), {**base, "run.out": str(tmp_path / "decoder"),
-                                                               "decoder.gaussians.resolution": 32})
+                                                               "decoder.gaussians.resolution": 16})
     fit(decoder_cfg, local=True)
     smdit_cfg = apply_overrides(recipe("smdit", "debug"), {
-        **base, "run.out": str(tmp_path / "smdit"), "smdit.grid": 32, "data.batch_size": 3,
+        **base, "run.out": str(tmp_path / "smdit"), "smdit.grid": 16, "data.batch_size": 3,
         "flow.encoder": assets.encoder, "flow.encoder_location": assets.encoder_location})
     fit(smdit_cfg, local=True)
     losses = [m["loss"] for m in read_metrics(str(tmp_path / "smdit"))]
