@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,10 +30,14 @@ STAGES = ("download", "inspect", "render", "score", "curate", "voxelize", "encod
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 
+def prefect_env(home: Path) -> dict:
+    return {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "RAY_AUTH_MODE": "disabled", "PREFECT_LOGGING_LEVEL": "WARNING"}
+
+
 @pytest.fixture
 def env(tmp_path):
-    return {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "RAY_AUTH_MODE": "disabled", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    return prefect_env(tmp_path / "prefect")
 
 
 def cli(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -78,7 +83,7 @@ def demo(tmp_path_factory):
     return base
 
 
-def test_sigkill_mid_stage_then_rerun_matches_an_uninterrupted_run(tmp_path, env, demo):
+def test_sigkill_mid_stage_then_rerun_matches_an_uninterrupted_run(tmp_path, env, demo, pipeline_run):
     config = write_demo_config(str(tmp_path / "run.toml"), str(demo / "models"),
                                {"flow": {"batch_size": 1, "commit_every": 1, "concurrent_batches": 2}})
     source = f"local:{demo / 'assets'}"
@@ -104,11 +109,11 @@ def test_sigkill_mid_stage_then_rerun_matches_an_uninterrupted_run(tmp_path, env
     once_per_key(str(root))
     assert summary_rows(out)["render"][-2] == str(3 - rendered_before)  # processed: only what was left
 
-    # The same flow, uninterrupted, in another root: the same bytes. (Not the plain stage commands: their encoder
-    # runs with every core, a Ray worker with its one CPU, and float sums in another order round differently.)
-    clean = tmp_path / "clean"
-    cli(env, "data", "--root", str(clean), "--source", source, "--config", config)
-    a, b = (tree_digest(r, "shards", "features", "voxels") for r in (root, clean))
+    # The same data, uninterrupted, in another root: the same bytes. The reference is the pipeline run's root (the
+    # same assets and models, one batch of four assets per task instead of one: batching never changes an asset's
+    # bytes). Not the plain stage commands: their encoder runs with every core, a Ray worker with its one CPU, and
+    # float sums in another order round differently.
+    a, b = (tree_digest(r, "shards", "features", "voxels") for r in (root, pipeline_run.root))
     assert a == b and any(k.endswith(".tar") for k in a)
     # Nothing partial under a final name: every shard reads back (the loader checks every sample).
     from flux3d.training.data import make_loader, shard_urls
@@ -140,16 +145,33 @@ def test_data_flow_on_shared_assets_good_reach_shards_bad_recorded(tmp_path, env
     once_per_key(root)
 
 
-def test_pipeline_trains_evaluates_and_a_rerun_redoes_nothing(tmp_path, env, demo):
-    """`flux3d pipeline` (the demo's main job): data flow, the decoder and SMDiT as Ray Train jobs, the evaluation
-    report; a second run changes no file; the retrain flow's gate promotes the first model and records why."""
-    config = write_demo_config(str(tmp_path / "run.toml"), str(demo / "models"))
-    root = tmp_path / "root"
-    assert not Path(env["PREFECT_HOME"]).exists()  # a brand-new Prefect home: its database is created on this run
-    env = {**env, "COLUMNS": "40"}  # a narrow terminal must not squeeze the counts out of the summary table
+@dataclass
+class PipelineRun:
+    root: Path
+    config: str
+    env: dict
+    out: str
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, demo) -> PipelineRun:
+    """One `flux3d pipeline` run on the demo assets in a brand-new Prefect home (its database is created on this
+    run): the pipeline test checks it, the kill test compares its own data with this run's bytes."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    env = {**prefect_env(tmp / "prefect"), "COLUMNS": "40"}  # a narrow terminal must keep the summary's counts
+    config = write_demo_config(str(tmp / "run.toml"), str(demo / "models"))
+    root = tmp / "root"
+    assert not Path(env["PREFECT_HOME"]).exists()
     out = cli(env, "pipeline", "--root", str(root), "--source", f"local:{demo / 'assets'}", "--config", config,
               timeout=1200).stdout
-    assert "preparing Prefect's database" in out
+    return PipelineRun(root, config, env, out)
+
+
+def test_pipeline_trains_evaluates_and_a_rerun_redoes_nothing(pipeline_run, demo):
+    """`flux3d pipeline` (the demo's main job): data flow, the decoder and SMDiT as Ray Train jobs, the evaluation
+    report; a second run changes no file; the retrain flow's gate promotes the first model and records why."""
+    root, config, env, out = pipeline_run.root, pipeline_run.config, pipeline_run.env, pipeline_run.out
+    assert "preparing Prefect's database" in out  # a brand-new Prefect home: its database is created on this run
     rows = summary_rows(out)
     assert list(rows) == list(STAGES)
     # The demo assets: 7 listed; inspect passes 3 (two textured, one STL), rejects the untextured cone and fails

@@ -217,9 +217,15 @@ def test_generate_writes_gaussians_on_the_given_layout(demo_ds, tmp_path):
 
 def test_tensorboard_gets_scalars_and_render_grids(demo_ds, tmp_path):
     """Both models log their scalars and, every `run.image_every` steps, a render-vs-target grid (the SMDiT's
-    through the decoder run it names) to TensorBoard."""
+    through the decoder run it names) to TensorBoard. Before that decoder has a checkpoint (the train flow runs
+    both at once) the SMDiT trains on without grids."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    early = fit(_cfg("smdit", demo_ds, tmp_path / "early", **{"run.steps": 2, "run.image_every": 1,
+                                                             "run.decoder_run": str(tmp_path / "decoder")}), local=True)
+    events = EventAccumulator(str(tmp_path / "early" / "tensorboard"))
+    events.Reload()
+    assert early["step"] == 2 and not events.Tags()["images"] and "loss" in events.Tags()["scalars"]
     fit(_cfg("decoder", demo_ds, tmp_path / "decoder", **{"run.steps": 2, "run.image_every": 2}), local=True)
     fit(_cfg("smdit", demo_ds, tmp_path / "smdit", **{"run.steps": 2, "run.image_every": 2,
                                                       "run.decoder_run": str(tmp_path / "decoder")}), local=True)

@@ -1,4 +1,9 @@
-"""The train flow: decoder, then SMDiT, each a Ray Train job on the cluster the flow is connected to.
+"""The train flow: the decoder and the SMDiT, each a Ray Train job on the cluster the flow is connected to.
+
+The two jobs run at once: the SMDiT diffuses the FLUX features themselves, not anything the decoder makes, and
+needs the decoder only for its optional image grids (skipped until the decoder has a checkpoint). A cluster with
+room for both trains them side by side; on a full one Ray queues the second job's workers until the first is done.
+Local mode (`train.local`: both in this process) trains them one after the other.
 
 Run directories are keyed by dataset version (<root>/models/<version>/{decoder,smdit}), and training resumes from a
 run's newest checkpoint, so re-running the flow (or the pipeline after a crash) continues or skips finished runs
@@ -63,11 +68,11 @@ def train_task(cfg: Config, kind: str, version: str) -> dict[str, Any]:
 @flow(name="flux3d-train", log_prints=True)
 def train_flow(root: str, dataset_version: str, config: str | None = None, recipe: str | None = None,
                ray_address: str | None = None) -> dict[str, Any]:
-    """Train the decoder, then the SMDiT, on the shards of `dataset_version` under `root`."""
+    """Train the decoder and the SMDiT on the shards of `dataset_version` under `root`."""
     cfg = flow_config(root, config, recipe, ray_address)
-    if not cfg.train.local:
-        connect(cfg.flow.ray_address or None, cfg.flow.ray_num_cpus, cfg.flow.ray_dashboard)
-    decoder = train_task(cfg, "decoder", dataset_version)
-    smdit = train_task(cfg, "smdit", dataset_version)
-    return {"decoder": decoder, "smdit": smdit}
+    if cfg.train.local:
+        return {kind: train_task(cfg, kind, dataset_version) for kind in ("decoder", "smdit")}
+    connect(cfg.flow.ray_address or None, cfg.flow.ray_num_cpus, cfg.flow.ray_dashboard)
+    jobs = {kind: train_task.submit(cfg, kind, dataset_version) for kind in ("decoder", "smdit")}
+    return {kind: job.result() for kind, job in jobs.items()}
 

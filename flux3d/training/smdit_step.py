@@ -8,6 +8,7 @@ model as buffers, so a checkpoint samples without the shards.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -20,6 +21,8 @@ from flux3d.models.smdit import SMDiT
 from flux3d.training.data import Batch
 from flux3d.training.step import Step, unwrap
 
+log = logging.getLogger(__name__)
+
 
 class SMDiTStep(Step):
     needs_cond = True
@@ -28,7 +31,7 @@ class SMDiTStep(Step):
         super().__init__(cfg, device)
         f = cfg.flow
         self.cond_encoder = ConditionEncoder(f.encoder, f.encoder_location, f.cond_resolution, device)
-        self._decoder: nn.Module | None = None  # loaded on first use, for the image grids
+        self._decoder: tuple[int, nn.Module] | None = None  # (step, decoder) for the image grids
 
     def build_model(self) -> nn.Module:
         model = SMDiT(self.cfg.smdit)
@@ -65,7 +68,8 @@ class SMDiTStep(Step):
 
     def images(self, model: nn.Module, batch: Batch) -> torch.Tensor | None:
         """With `run.decoder_run`: the first asset's target view above its render from latents sampled for its
-        conditioning image (10 Euler steps: a quick look at what the model has learned, not an evaluation)."""
+        conditioning image (10 Euler steps: a quick look at what the model has learned, not an evaluation). None
+        while the decoder run has no checkpoint yet."""
         if not self.cfg.run.decoder_run or batch.cond is None:
             return None
         from torchvision.utils import make_grid
@@ -73,14 +77,20 @@ class SMDiTStep(Step):
         from flux3d.models.flow_matching import SamplerConfig
         from flux3d.models.inference import generate
         from flux3d.models.rasterizer import render_views
-        from flux3d.training.checkpoint import load_model
+        from flux3d.training.checkpoint import load_model, resolve
 
-        if self._decoder is None:
-            self._decoder = load_model(self.cfg.run.decoder_run, device=self.device)[0]
+        try:  # the decoder may be training alongside (flows/train.py): use its newest checkpoint, if any yet
+            run, ckpt = resolve(self.cfg.run.decoder_run)
+        except ValueError as e:
+            log.info("no image grid at this step: %s", e)
+            return None
+        if self._decoder is None or self._decoder[0] != ckpt.step:
+            self._decoder = (ckpt.step, load_model(run.path(ckpt.rel), device=self.device)[0])
+        decoder = self._decoder[1]
         v = batch.voxels
         was = model.training
         model.eval()
-        g = generate(unwrap(model), self._decoder, self.cond_encoder(batch.cond[:1]),
+        g = generate(unwrap(model), decoder, self.cond_encoder(batch.cond[:1]),
                      v.coords[:int(v.offsets[1]), 1:], SamplerConfig(steps=10)).gaussians
         model.train(was)
         H, W = batch.images.shape[-2:]
