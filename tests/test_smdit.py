@@ -101,7 +101,7 @@ def test_debug_smdit_overfits_a_handful_of_real_assets(assets, tmp_path):
     Measured (2 cores, 3 assets at 16^3 voxels, 64 px; ~2.5 minutes): loss 1.46 -> 0.30; sampled vs true latents
     cosine 0.91-0.96; renders of the sampled latents are 24-32 dB from the decoder's renders of the true latents, and
     against the ground-truth view within 1.9 dB of what the true latents give (the debug decoder itself is the
-    limit there: 16-24 dB on these assets). At 32^3 the same bars hold with the same margins at 3x the time.
+    limit there: 16-24 dB on these assets). At 32^3 (3x the time): cosine 0.90-0.94, within 1.1 dB.
     """
     from flux3d.features.vae import ConditionEncoder
     from flux3d.training.data import make_dataset, shard_urls
