@@ -78,6 +78,15 @@ def avocado(tmp_path_factory):
                          supervision_views=16)
 
 
+@pytest.fixture(scope="module")
+def avocado16(tmp_path_factory):
+    """The same asset at 16^3: a quarter of the voxels, for the two-worker test (two processes on two cores)."""
+    if not AVOCADO.is_file() or not (SHARED / "weights" / "taef1_encoder.safetensors").is_file():
+        pytest.skip("needs ../shared/assets and the TAEF1 weights")
+    return build_dataset(tmp_path_factory.mktemp("avocado16"), [AVOCADO], views=24, resolution=64, voxels=16,
+                         supervision_views=16)
+
+
 def held_out(ds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """The render views the shards did not keep: K, w2c and images over black."""
     from flux3d.stages.render_layout import spread
@@ -134,19 +143,20 @@ def test_debug_decoder_overfits_one_real_asset(avocado, tmp_path):
 
 
 @pytest.mark.integration
-def test_two_ray_train_workers_learn_the_same_asset(avocado, tmp_path, monkeypatch):
-    """DDP over two Ray Train CPU workers (each its own process and loader stream): the same quality bar."""
+def test_two_ray_train_workers_learn_the_same_asset(avocado16, tmp_path, monkeypatch):
+    """DDP over two Ray Train CPU workers (each its own process and loader stream) reach the quality bar on the
+    asset at 16^3 (measured 27.9 dB; 110 s, half the time at 32^3)."""
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     import ray
 
-    cfg = _cfg(avocado, tmp_path / "run2", **{"scale.num_workers": 2})
+    cfg = _cfg(avocado16, tmp_path / "run2", **{"scale.num_workers": 2, "decoder.gaussians.resolution": 16})
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         result = fit(cfg)
     finally:
         ray.shutdown()
     model, _ = load_model(str(tmp_path / "run2"))
-    trained = psnr(model, avocado, held_out(avocado))
+    trained = psnr(model, avocado16, held_out(avocado16))
     print(f"2 workers: held-out PSNR {trained:.2f} dB")
     assert result["step"] == STEPS and trained > 24.0
     meta = json.loads(next((tmp_path / "run2" / "checkpoints").glob("step_*/meta.json")).read_text())
