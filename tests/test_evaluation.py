@@ -52,7 +52,7 @@ def test_gate_metrics_prefer_generation_and_directions():
 
 @pytest.fixture(scope="module")
 def dataset(synthetic_shards):
-    return synthetic_shards(3, views=16, resolution=64, voxels=32, supervision_views=16, cond_views=2,
+    return synthetic_shards(3, views=16, resolution=64, voxels=16, supervision_views=16, cond_views=2,
                             cond_resolution=64)
 
 
@@ -62,8 +62,8 @@ def trained(tmp_path_factory, dataset):
     base = {"data.shards": ds.version_dir, "run.image_every": 0, "run.steps": 40, "run.ckpt_every": 40}
     run = tmp / "runs" / "v"
     fit(apply_overrides(recipe("decoder", "debug"), {**base, "run.out": str(run / "decoder"),
-                                                     "decoder.gaussians.resolution": 32}), local=True)
-    fit(apply_overrides(recipe("smdit", "debug"), {**base, "run.out": str(run / "smdit"), "smdit.grid": 32,
+                                                     "decoder.gaussians.resolution": 16}), local=True)
+    fit(apply_overrides(recipe("smdit", "debug"), {**base, "run.out": str(run / "smdit"), "smdit.grid": 16,
                                                    "flow.encoder": ds.encoder,
                                                    "flow.encoder_location": ds.encoder_location}), local=True)
     return ds, run
