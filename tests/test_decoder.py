@@ -70,21 +70,22 @@ def test_tiny_decoder_keeps_gaussians_in_their_voxels_and_assets_apart(sets):
         assert offset.std() > 0.05  # the Gaussians are spread over the voxel, not stacked at its centre
 
 
-@pytest.fixture(scope="module")
-def avocado(tmp_path_factory):
+def _avocado(tmp_path_factory, voxels: int):
     if not AVOCADO.is_file() or not (SHARED / "weights" / "taef1_encoder.safetensors").is_file():
         pytest.skip("needs ../shared/assets and the TAEF1 weights")
-    return build_dataset(tmp_path_factory.mktemp("avocado"), [AVOCADO], views=24, resolution=64, voxels=32,
-                         supervision_views=16)
+    return build_dataset(tmp_path_factory.mktemp(f"avocado{voxels}"), [AVOCADO], views=24, resolution=64,
+                         voxels=voxels, supervision_views=16)
+
+
+@pytest.fixture(scope="module")
+def avocado(tmp_path_factory):
+    return _avocado(tmp_path_factory, 32)
 
 
 @pytest.fixture(scope="module")
 def avocado16(tmp_path_factory):
     """The same asset at 16^3: a quarter of the voxels, for the two-worker test (two processes on two cores)."""
-    if not AVOCADO.is_file() or not (SHARED / "weights" / "taef1_encoder.safetensors").is_file():
-        pytest.skip("needs ../shared/assets and the TAEF1 weights")
-    return build_dataset(tmp_path_factory.mktemp("avocado16"), [AVOCADO], views=24, resolution=64, voxels=16,
-                         supervision_views=16)
+    return _avocado(tmp_path_factory, 16)
 
 
 def held_out(ds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
