@@ -60,13 +60,13 @@ def timed(fn, device: torch.device, repeat: int) -> float:  # noqa: ANN001
 
 
 def alternating(fns: dict[str, Callable[[], object]], device: torch.device, repeat: int) -> dict[str, float]:
-    """Median seconds per call of each function, called in turn (A B A B ...): on a shared machine whose speed
-    drifts, a comparison of two back-to-back `timed` loops measures the drift as much as the functions."""
+    """Median seconds per call of each function, called in turn, the order reversed every round (A B B A ...): on
+    a shared machine whose speed drifts, two back-to-back `timed` loops measure the drift as much as the functions."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
+    for r in range(repeat):
+        for name, fn in list(fns.items())[::-1 if r % 2 else 1]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -160,7 +160,7 @@ def layout_cost(model: GaussianDecoder, device: torch.device, sizes: list[int], 
             fns[name]()
         print(f"  built {name:>14}: {secs[name] * 1e3:8.1f} ms/step, {syncs.total:3d} host syncs {dict(syncs.counts)}")
     print(f"  building it on the host (the loader's worker): {secs['layout alone'] * 1e3:.1f} ms per batch "
-          "(medians of alternating runs)")
+          "(medians of interleaved runs)")
 
 
 def bench_args(doc: str) -> tuple[argparse.Namespace, torch.device, bool, int]:

@@ -110,7 +110,7 @@ def layout_cost(model: SMDiT, device: torch.device, sizes: list[int], latent_hw:
             fns[name]()
         print(f"  built {name:>14}: {secs[name] * 1e3:8.1f} ms/step, {syncs.total:3d} host syncs {dict(syncs.counts)}")
     print(f"  building it on the host (the loader's worker): {secs['layout alone'] * 1e3:.1f} ms per batch "
-          "(medians of alternating runs)")
+          "(medians of interleaved runs)")
 
 
 if __name__ == "__main__":
