@@ -5,6 +5,8 @@
 2. Packed (no padding) vs padded attention for a batch of assets of skewed sizes, whole-asset attention.
 3. Rasterizer time per view (the in-repo torch rasterizer on CPU; gsplat on CUDA) at the training resolution.
 4. On CUDA: tokens/s and MFU of the paper config (12 x 768, batch 8, bf16 autocast), the transformer alone.
+5. The per-batch layout (window partitions, asset bounds) built in the forward vs given by the loader: step time,
+   host syncs per step (each one a GPU stall), and what building it costs the loader's worker.
 
 Layouts are voxel shells of spheres (a surface, like real assets) of chosen sizes; features are random (the cost
 does not depend on their values).
@@ -16,14 +18,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from flux3d.models.configs import DecoderConfig, GaussianConfig
-from flux3d.models.decoder import GaussianDecoder
+from flux3d.models.decoder import DecoderLayout, GaussianDecoder, decoder_layout
 from flux3d.models.sparse import SparseBatch
+from flux3d.training.syncs import HostSyncs
 from flux3d.training.telemetry import peak_flops
 
 
@@ -54,10 +59,28 @@ def timed(fn, device: torch.device, repeat: int) -> float:  # noqa: ANN001
     return (time.perf_counter() - t0) / repeat
 
 
-def step_fn(model: GaussianDecoder, b: SparseBatch, bf16: bool):  # noqa: ANN201
+def alternating(fns: dict[str, Callable[[], object]], device: torch.device, repeat: int) -> dict[str, float]:
+    """Median seconds per call of each function, called in turn, the order reversed every round (A B B A ...): on
+    a shared machine whose speed drifts, two back-to-back `timed` loops measure the drift as much as the functions."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeat):
+        for name, fn in list(fns.items())[::-1 if r % 2 else 1]:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def step_fn(model: GaussianDecoder, b: SparseBatch, bf16: bool, layout: DecoderLayout | None = None):  # noqa: ANN201
     def step() -> None:
         with torch.autocast(b.feats.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(b.feats, b.coords, b.offsets)
+            out = model(b.feats, b.coords, b.offsets, layout=layout)
         out.raw.float().square().mean().backward()
     return step
 
@@ -124,6 +147,22 @@ def mfu(device: torch.device, repeat: int) -> None:
           + (f", MFU {flops / s / peak:.1%} of {peak / 1e12:.0f}" if peak else ""))
 
 
+def layout_cost(model: GaussianDecoder, device: torch.device, sizes: list[int], repeat: int, bf16: bool) -> None:
+    print("\n5. layout (window partitions) built in the forward vs given by the loader, batch of", sizes)
+    b = batch_of(sizes, device)
+    coords, offsets = b.coords.cpu(), b.offsets.cpu()
+    variants = {"in the forward": None, "by the loader": decoder_layout(model.cfg, coords, offsets).to(device)}
+    fns = {name: step_fn(model, b, bf16, given) for name, given in variants.items()}
+    fns["layout alone"] = lambda: decoder_layout(model.cfg, coords, offsets)  # on the host: the loader's worker
+    secs = alternating(fns, device, max(repeat, 7))
+    for name in variants:
+        with HostSyncs() as syncs:
+            fns[name]()
+        print(f"  built {name:>14}: {secs[name] * 1e3:8.1f} ms/step, {syncs.total:3d} host syncs {dict(syncs.counts)}")
+    print(f"  building it on the host (the loader's worker): {secs['layout alone'] * 1e3:.1f} ms per batch "
+          "(medians of interleaved runs)")
+
+
 def bench_args(doc: str) -> tuple[argparse.Namespace, torch.device, bool, int]:
     """The model benchmarks' command line: --device, --quick; returns (args, device, on GPU, repeats)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,6 +186,8 @@ def main() -> None:
     rasterizer(device, 4000 if not gpu else 20000, 8 if not gpu else 32, 64 if not gpu else 512, repeat)
     if gpu:
         mfu(device, repeat)
+    layout_cost(model, device, [2000, 4000] if not gpu else [20000, 14000, 26000, 9000, 17000, 22000, 12000, 30000],
+                repeat, gpu)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
 2. Packed (one joint sequence per asset, no padding) vs padded attention on a batch of skewed assets.
 3. Sampler time for 50 Euler steps with CFG (two model calls per guided step) for one asset.
 4. On CUDA: tokens/s and MFU of the paper config (24 blocks x 1152, batch 8, 64x64 image tokens, bf16).
+5. The per-batch layout (the 2^3 patchify's coarse voxels and bounds) built in the forward vs given by the loader:
+   step time, host syncs per step (each one a GPU stall), and what building it costs the loader's worker.
 
 Layouts are voxel shells (benchmarks/decoder.py) at 64^3; latents and conditioning are random.
 
@@ -19,16 +21,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decoder import batch_of, bench_args, timed  # noqa: E402 - the shared layout, timing and CLI helpers
+from decoder import alternating, batch_of, bench_args, timed  # noqa: E402 - the shared layout, timing and CLI helpers
 
 from flux3d.models.configs import SMDiTConfig  # noqa: E402
 from flux3d.models.flow_matching import SamplerConfig, flow_matching_loss, sample  # noqa: E402
-from flux3d.models.smdit import SMDiT  # noqa: E402
+from flux3d.models.smdit import SMDiT, smdit_layout  # noqa: E402
+from flux3d.training.syncs import HostSyncs  # noqa: E402
 from flux3d.training.telemetry import peak_flops  # noqa: E402
 
 
-def step_fn(model: SMDiT, sizes: list[int], latent_hw: int, device: torch.device, bf16: bool):  # noqa: ANN201
+def step_fn(model: SMDiT, sizes: list[int], latent_hw: int, device: torch.device, bf16: bool,  # noqa: ANN201
+            layout: bool = False):
     b = batch_of(sizes, device)
+    # As the trainer's loader does: built on the host, moved with the batch.
+    given = smdit_layout(b.coords.cpu(), b.offsets.cpu()).to(device) if layout else None
     B = len(sizes)
     cond = torch.randn(B, 16, latent_hw, latent_hw, device=device)
     t, eps = torch.rand(B, device=device), torch.randn_like(b.feats)
@@ -36,7 +42,7 @@ def step_fn(model: SMDiT, sizes: list[int], latent_hw: int, device: torch.device
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = flow_matching_loss(model, b.feats, b.coords, b.offsets, cond, t, eps, drop)
+            loss = flow_matching_loss(model, b.feats, b.coords, b.offsets, cond, t, eps, drop, given)
         loss.backward()
     return step, b
 
@@ -86,6 +92,25 @@ def main() -> None:
               f"{s * 1e3:.0f} ms/step, {flops / s / 1e12:.0f} TFLOP/s" + (f", MFU {flops / s / peak:.1%}" if peak
                                                                           else "")
               + " (model FLOPs; recomputation not counted)")
+
+    layout_cost(model, device, [2000, 4000, 12000] if not gpu else [20000, 14000, 26000, 9000, 17000, 22000, 12000,
+                                                                    30000], latent_hw, repeat, gpu)
+
+
+def layout_cost(model: SMDiT, device: torch.device, sizes: list[int], latent_hw: int, repeat: int, gpu: bool) -> None:
+    print("\n5. layout (2^3 patchify) built in the forward vs given by the loader, batch of", sizes)
+    variants = {"in the forward": False, "by the loader": True}
+    fns = {name: step_fn(model, sizes, latent_hw, device, gpu, given)[0] for name, given in variants.items()}
+    b = batch_of(sizes, device)
+    coords, offsets = b.coords.cpu(), b.offsets.cpu()
+    fns["layout alone"] = lambda: smdit_layout(coords, offsets)  # on the host: the loader's worker
+    secs = alternating(fns, device, max(repeat, 7))
+    for name in variants:
+        with HostSyncs() as syncs:
+            fns[name]()
+        print(f"  built {name:>14}: {secs[name] * 1e3:8.1f} ms/step, {syncs.total:3d} host syncs {dict(syncs.counts)}")
+    print(f"  building it on the host (the loader's worker): {secs['layout alone'] * 1e3:.1f} ms per batch "
+          "(medians of interleaved runs)")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import importlib.util
 import inspect
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +78,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 
 
 def _validate(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, cu_seqlens: torch.Tensor,
-              max_seqlen: int) -> None:
+              max_seqlen: int, bounds: Sequence[int] | None) -> None:
     if q_THD.ndim != 3 or k_THD.shape != q_THD.shape or v_THD.ndim != 3 or v_THD.shape[:2] != q_THD.shape[:2]:
         raise ValueError(f"q, k, v must be (T, H, D) with matching T, H (and D for q, k); got "
                          f"{tuple(q_THD.shape)}, {tuple(k_THD.shape)}, {tuple(v_THD.shape)}")
@@ -89,10 +90,17 @@ def _validate(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, cu_
                          f"{tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != q_THD.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, q on {q_THD.device}")
-    lengths_B = cu_seqlens[1:] - cu_seqlens[:-1]
-    # One host sync for all the checks: the varlen kernels read out of bounds on a bad cu_seqlens rather than fail.
-    first, last, min_len, max_len = torch.stack([cu_seqlens[0], cu_seqlens[-1], lengths_B.min(),
-                                                 lengths_B.max()]).tolist()
+    if bounds is None:
+        lengths_B = cu_seqlens[1:] - cu_seqlens[:-1]
+        # One host sync for all the checks: the varlen kernels read out of bounds on a bad cu_seqlens rather than
+        # fail. Callers that hold the boundaries on the host (`bounds`) spare the step this sync in every layer.
+        first, last, min_len, max_len = torch.stack([cu_seqlens[0], cu_seqlens[-1], lengths_B.min(),
+                                                     lengths_B.max()]).tolist()
+    else:
+        if len(bounds) != len(cu_seqlens):
+            raise ValueError(f"bounds has {len(bounds)} entries, cu_seqlens {len(cu_seqlens)}")
+        steps = [e - s for s, e in itertools.pairwise(bounds)]
+        first, last, min_len, max_len = bounds[0], bounds[-1], min(steps), max(steps)
     if first != 0 or last != q_THD.shape[0] or min_len < 0:
         raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T = {q_THD.shape[0]}; got "
                          f"first {first}, last {last}, smallest step {min_len}")
@@ -141,11 +149,11 @@ def _padded_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Ten
 
 
 def _bucketed_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, cu_seqlens: torch.Tensor,
-                        max_seqlen: int, scale: float | None) -> torch.Tensor:
+                        max_seqlen: int, scale: float | None, bounds: Sequence[int] | None = None) -> torch.Tensor:
     # Sequences sorted longest first and cut into runs whose lengths stay within _BUCKET_FILL of the run's longest:
     # one dense SDPA per run, so the loop is over length classes (a few dozen at most), not over sequences, and
     # padding wastes under 1 - _BUCKET_FILL**2 of the attention FLOPs. Runs of equal lengths need no mask.
-    lengths = [e - s for s, e in itertools.pairwise(cu_seqlens.tolist())]
+    lengths = [e - s for s, e in itertools.pairwise(cu_seqlens.tolist() if bounds is None else bounds)]
     order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
     sorted_lengths = [lengths[i] for i in order]
     device = q_THD.device
@@ -153,8 +161,8 @@ def _bucketed_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.T
     new_starts_B = torch.cumsum(sorted_lengths_B, 0) - sorted_lengths_B
     old_starts_B = cu_seqlens.to(torch.int64)[torch.tensor(order, device=device)]
     # Token t of the length-sorted layout sits at row gather_T[t] of the input.
-    gather_T = torch.arange(q_THD.shape[0], device=device) + torch.repeat_interleave(old_starts_B - new_starts_B,
-                                                                                     sorted_lengths_B)
+    gather_T = torch.arange(q_THD.shape[0], device=device) + torch.repeat_interleave(
+        old_starts_B - new_starts_B, sorted_lengths_B, output_size=q_THD.shape[0])  # the size given: no sync
     runs, first = [], 0
     while first < len(sorted_lengths) and sorted_lengths[first] > 0:  # zero-length sequences sort last
         last = first
@@ -212,7 +220,8 @@ _IMPLS = {"flash": _flash_attention, "varlen": _varlen_attention, "nested": _nes
 
 
 def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int, *, backend: str = "auto", scale: float | None = None) -> torch.Tensor:
+                     max_seqlen: int, *, backend: str = "auto", scale: float | None = None,
+                     bounds: Sequence[int] | None = None) -> torch.Tensor:
     """Softmax attention of each packed sequence with itself only.
 
     Args:
@@ -221,14 +230,18 @@ def varlen_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tens
         max_seqlen: the longest sequence's length (an upper bound is accepted; the padded backend pads to it).
         backend: "auto", "flash", "varlen", "nested", "bucketed" or "padded" (see the module docstring).
         scale: logit scale; None means 1 / sqrt(D).
+        bounds: `cu_seqlens` as host ints, when the caller has them (a layout built in the loader): the checks and
+            the bucketed backend read them instead of copying cu_seqlens back, a device->host sync per call.
 
     Returns:
         (T, H, Dv) outputs in the input's row order and dtype.
     """
-    _validate(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen)
+    _validate(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, bounds)
     impl = _IMPLS[resolve_backend(backend, q_THD.device, q_THD.dtype)]
     if q_THD.shape[0] == 0:
         return v_THD.new_zeros(v_THD.shape)
+    if impl is _bucketed_attention:
+        return impl(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, scale, bounds)
     return impl(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, scale)
 
 
@@ -240,10 +253,20 @@ class WindowPartition:
     inverse: torch.Tensor  # (T,) int64, inverse[perm[t]] = t
     cu_seqlens: torch.Tensor  # (W + 1,) int32 window boundaries in the permuted order
     max_seqlen: int  # most tokens in one window
+    bounds: tuple[int, ...]  # cu_seqlens on the host: attention reads them without a device->host copy
 
     @property
     def num_windows(self) -> int:
         return len(self.cu_seqlens) - 1
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> WindowPartition:
+        return WindowPartition(self.perm.to(device, non_blocking=non_blocking),
+                               self.inverse.to(device, non_blocking=non_blocking),
+                               self.cu_seqlens.to(device, non_blocking=non_blocking), self.max_seqlen, self.bounds)
+
+    def pin_memory(self) -> WindowPartition:
+        return WindowPartition(self.perm.pin_memory(), self.inverse.pin_memory(), self.cu_seqlens.pin_memory(),
+                               self.max_seqlen, self.bounds)
 
 
 def window_partition(coords_T4: torch.Tensor, window: int, shift: int = 0) -> WindowPartition:
@@ -251,7 +274,8 @@ def window_partition(coords_T4: torch.Tensor, window: int, shift: int = 0) -> Wi
 
     A shift in (0, window) moves every window boundary by -shift (Swin's shifted windows; TRELLIS "swin8"
     alternates shift 0 and 4), so tokens split by one partition meet in the other. Windows never span two assets
-    because the batch index is part of the key. Compute it once per forward and reuse it in every layer.
+    because the batch index is part of the key. Compute it once per batch and reuse it in every layer: it reads
+    data-dependent sizes back to the host (torch.unique, the window bounds), so the trainer builds it in the loader.
     """
     if coords_T4.ndim != 2 or coords_T4.shape[1] != 4 or coords_T4.is_floating_point():
         raise ValueError(f"coords must be integer (T, 4) [batch, x, y, z], got {coords_T4.dtype} "
@@ -276,7 +300,8 @@ def window_partition(coords_T4: torch.Tensor, window: int, shift: int = 0) -> Wi
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(T, device=perm.device)
     cu_seqlens = F.pad(torch.cumsum(counts_W, 0), (1, 0)).to(torch.int32)
-    return WindowPartition(perm, inverse, cu_seqlens, int(counts_W.max()))
+    bounds = tuple(cu_seqlens.tolist())
+    return WindowPartition(perm, inverse, cu_seqlens, max(e - s for s, e in itertools.pairwise(bounds)), bounds)
 
 
 def windowed_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, part: WindowPartition, *,
@@ -285,5 +310,5 @@ def windowed_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Te
     if q_THD.shape[0] != part.perm.shape[0]:
         raise ValueError(f"q has {q_THD.shape[0]} tokens, the window partition {part.perm.shape[0]}")
     out_THD = varlen_attention(q_THD[part.perm], k_THD[part.perm], v_THD[part.perm], part.cu_seqlens,
-                               part.max_seqlen, backend=backend, scale=scale)
+                               part.max_seqlen, backend=backend, scale=scale, bounds=part.bounds)
     return out_THD[part.inverse]

@@ -28,6 +28,37 @@ from flux3d.models.layers import Block, Groups, Sequences, attention_pairs, chec
 from flux3d.models.rope import RotaryEmbedding, SinusoidalPositionEmbedding, rope_axes
 
 
+@dataclass(frozen=True)
+class DecoderLayout:
+    """What the decoder derives from the voxel coordinates alone: its attention groups (8^3 windows at shift 0 and,
+    when blocks alternate, at shift window // 2; or whole assets) and the assets' bounds as host ints.
+
+    Each window partition reads data-dependent sizes back to the host (torch.unique, the window bounds), a sync
+    that stalls a GPU step; the trainer builds this once per batch on the CPU in the loader's workers instead.
+    """
+
+    groups: tuple[Groups, ...]
+    bounds: tuple[int, ...]  # the batch's offsets on the host
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> DecoderLayout:
+        return DecoderLayout(tuple(g.to(device, non_blocking) for g in self.groups), self.bounds)
+
+    def pin_memory(self) -> DecoderLayout:
+        return DecoderLayout(tuple(g.pin_memory() for g in self.groups), self.bounds)
+
+
+def decoder_layout(cfg: DecoderConfig, coords_M4: torch.Tensor, offsets: torch.Tensor) -> DecoderLayout:
+    """The decoder's per-batch layout; `GaussianDecoder.forward` builds it when not given one."""
+    if not cfg.window:
+        whole = Sequences.from_offsets(offsets)
+        return DecoderLayout((whole,), whole.bounds)
+    groups = [window_partition(coords_M4, cfg.window, 0)]
+    depth = max(cfg.depth, (cfg.encoder_depth or cfg.depth) if cfg.latent_channels else 0)
+    if depth > 1 and cfg.window > 1:
+        groups.append(window_partition(coords_M4, cfg.window, cfg.window // 2))
+    return DecoderLayout(tuple(groups), tuple(offsets.tolist()))
+
+
 @dataclass
 class DecoderOutput:
     raw: torch.Tensor
@@ -49,26 +80,21 @@ class SparseTransformer(nn.Module):
         self.grad_checkpointing = False
         self.attention_backend = "auto"
 
-    def groups(self, coords_M4: torch.Tensor, offsets: torch.Tensor) -> list[Groups]:
+    def groups(self, layout: DecoderLayout) -> list[Groups]:
         """Per block: windows alternating shift 0 / window // 2, or whole assets."""
-        if not self.window:
-            return [Sequences.from_offsets(offsets)] * len(self.blocks)
-        parts = [window_partition(coords_M4, self.window, 0)]
-        if len(self.blocks) > 1 and self.window > 1:
-            parts.append(window_partition(coords_M4, self.window, self.window // 2))
-        return [parts[i % len(parts)] for i in range(len(self.blocks))]
+        return [layout.groups[i % len(layout.groups)] for i in range(len(self.blocks))]
 
-    def forward(self, x_MD: torch.Tensor, coords_M4: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_MD: torch.Tensor, coords_M4: torch.Tensor, layout: DecoderLayout) -> torch.Tensor:
         pos_M3 = coords_M4[:, 1:].float()
         if self.ape is not None:
             x_MD = x_MD + self.ape(pos_M3).to(x_MD.dtype)
         rot = self.rope(pos_M3) if self.rope is not None else None
-        for block, groups in zip(self.blocks, self.groups(coords_M4, offsets)):
+        for block, groups in zip(self.blocks, self.groups(layout)):
             x_MD = checkpointed(block, self.grad_checkpointing, x_MD, groups, rot, self.attention_backend)
         return x_MD
 
-    def attention_pairs(self, coords_M4: torch.Tensor, offsets: torch.Tensor) -> int:
-        return sum(attention_pairs(g) for g in self.groups(coords_M4, offsets))
+    def attention_pairs(self, layout: DecoderLayout) -> int:
+        return sum(attention_pairs(g) for g in self.groups(layout))
 
 
 class GaussianDecoder(nn.Module):
@@ -101,16 +127,22 @@ class GaussianDecoder(nn.Module):
         for trunk in [self.trunk] + ([self.encoder] if self.cfg.latent_channels else []):
             trunk.grad_checkpointing, trunk.attention_backend = grad_checkpointing, attention_backend
 
+    def layout(self, coords_M4: torch.Tensor, offsets: torch.Tensor) -> DecoderLayout:
+        return decoder_layout(self.cfg, coords_M4, offsets)
+
     def forward(self, mu_MC: torch.Tensor, coords_M4: torch.Tensor, offsets: torch.Tensor,
-                sigma_MC: torch.Tensor | None = None, generator: torch.Generator | None = None) -> DecoderOutput:
-        """Raw Gaussian parameters per voxel. With `sigma_MC` (training) the input is mu + sigma * eps."""
+                sigma_MC: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                layout: DecoderLayout | None = None) -> DecoderOutput:
+        """Raw Gaussian parameters per voxel. With `sigma_MC` (training) the input is mu + sigma * eps.
+        `layout`: `decoder_layout(cfg, coords_M4, offsets)` built beforehand (the same result, no host syncs)."""
+        layout = self._checked(layout, coords_M4, offsets)
         z_MC = mu_MC
         if sigma_MC is not None and self.cfg.train_noise:
             z_MC = mu_MC + sigma_MC * torch.randn(mu_MC.shape, generator=generator, device=mu_MC.device,
                                                   dtype=mu_MC.dtype)
         kl = None
         if self.cfg.latent_channels:
-            h_MD = self.encoder(self.encoder_in(z_MC), coords_M4, offsets)
+            h_MD = self.encoder(self.encoder_in(z_MC), coords_M4, layout)
             mean_ML, logvar_ML = self.encoder_out(h_MD).float().chunk(2, dim=-1)
             logvar_ML = logvar_ML.clamp(-30.0, 20.0)
             kl = 0.5 * (mean_ML ** 2 + logvar_ML.exp() - 1.0 - logvar_ML).mean()
@@ -119,22 +151,32 @@ class GaussianDecoder(nn.Module):
                 z_MC = mean_ML + (0.5 * logvar_ML).exp() * torch.randn(
                     mean_ML.shape, generator=generator, device=mean_ML.device, dtype=mean_ML.dtype)
             z_MC = z_MC.to(mu_MC.dtype)
-        x_MD = self.trunk(self.input(z_MC), coords_M4, offsets)
+        x_MD = self.trunk(self.input(z_MC), coords_M4, layout)
         return DecoderOutput(self.out(self.out_norm(x_MD)), kl)
 
-    def to_gaussians(self, raw_MC: torch.Tensor, coords_M4: torch.Tensor, offsets: torch.Tensor) -> list[Gaussians]:
-        """One Gaussian set per asset of the packed batch."""
-        bounds = offsets.tolist()
+    def _checked(self, layout: DecoderLayout | None, coords_M4: torch.Tensor, offsets: torch.Tensor) -> DecoderLayout:
+        if layout is None:
+            return self.layout(coords_M4, offsets)
+        if layout.bounds[-1] != coords_M4.shape[0] or len(layout.bounds) != len(offsets):
+            raise ValueError(f"the layout is for {len(layout.bounds) - 1} assets of {layout.bounds[-1]} voxels, the "
+                             f"batch has {len(offsets) - 1} of {coords_M4.shape[0]}")
+        return layout
+
+    def to_gaussians(self, raw_MC: torch.Tensor, coords_M4: torch.Tensor, offsets: torch.Tensor,
+                     layout: DecoderLayout | None = None) -> list[Gaussians]:
+        """One Gaussian set per asset of the packed batch (with `layout`, its host bounds: no readback)."""
+        bounds = offsets.tolist() if layout is None else layout.bounds
         g = self.cfg.gaussians
         return [gaussians_from_raw(raw_MC[s:e].float().view(e - s, g.per_voxel, RAW_CHANNELS), coords_M4[s:e, 1:], g)
                 for s, e in zip(bounds[:-1], bounds[1:])]
 
-    def flops(self, coords_M4: torch.Tensor, offsets: torch.Tensor) -> float:
+    def flops(self, coords_M4: torch.Tensor, offsets: torch.Tensor, layout: DecoderLayout | None = None) -> float:
         """Training FLOPs of one step on this batch: 6 x (matmul parameters) x tokens + attention scores and
         values (2 matmuls x 2 FLOPs x pairs x width, x3 for the backward pass)."""
+        layout = self._checked(layout, coords_M4, offsets)
         tokens = coords_M4.shape[0]
         matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        pairs = self.trunk.attention_pairs(coords_M4, offsets)
+        pairs = self.trunk.attention_pairs(layout)
         if self.cfg.latent_channels:
-            pairs += self.encoder.attention_pairs(coords_M4, offsets)
+            pairs += self.encoder.attention_pairs(layout)
         return 6.0 * matmul_params * tokens + 12.0 * pairs * self.cfg.width

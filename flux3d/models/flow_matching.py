@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from flux3d.models.smdit import SMDiT
+from flux3d.models.smdit import SMDiT, smdit_layout
+from flux3d.models.sparse import PatchLayout
 
 
 def logit_normal(n: int, mean: float, std: float, generator: torch.Generator | None,
@@ -35,12 +36,13 @@ def denormalize(model: SMDiT, z_MC: torch.Tensor) -> torch.Tensor:
 
 def flow_matching_loss(model: torch.nn.Module, z0_MC: torch.Tensor, coords_M4: torch.Tensor, offsets: torch.Tensor,
                        cond_BCHW: torch.Tensor, t_B: torch.Tensor, eps_MC: torch.Tensor,
-                       drop_B: torch.Tensor) -> torch.Tensor:
-    """Mean squared velocity error over every voxel and channel of the batch (z0 already normalised)."""
+                       drop_B: torch.Tensor, layout: PatchLayout | None = None) -> torch.Tensor:
+    """Mean squared velocity error over every voxel and channel of the batch (z0 already normalised); `layout` is
+    the batch's `smdit_layout`, when the loader built it."""
     batch_M = coords_M4[:, 0].long()
     t_M1 = t_B[batch_M][:, None].to(z0_MC.dtype)
     z_t = (1 - t_M1) * z0_MC + t_M1 * eps_MC
-    v = model(z_t, coords_M4, offsets, t_B, cond_BCHW, drop_B)
+    v = model(z_t, coords_M4, offsets, t_B, cond_BCHW, drop_B, layout=layout)
     with torch.autocast(v.device.type, enabled=False):  # the error and its mean in fp32, whatever the autocast
         return ((v.float() - (eps_MC - z0_MC).float()) ** 2).mean()
 
@@ -74,11 +76,12 @@ def sample(model: SMDiT, coords_M4: torch.Tensor, offsets: torch.Tensor, cond_BC
     z = torch.randn((coords_M4.shape[0], C), generator=generator, device=coords_M4.device)
     grid = time_grid(cfg, coords_M4.device)
     keep = torch.zeros(B, dtype=torch.bool, device=coords_M4.device)
+    layout = smdit_layout(coords_M4, offsets)  # once, not in each of the up to 2 x steps model calls
     for t, t_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
         t_B = torch.full((B,), t, device=coords_M4.device)
-        v = model(z, coords_M4, offsets, t_B, cond_BCHW, keep).float()
+        v = model(z, coords_M4, offsets, t_B, cond_BCHW, keep, layout=layout).float()
         if cfg.guidance != 1.0 and cfg.cfg_interval[0] <= t <= cfg.cfg_interval[1]:
-            v_null = model(z, coords_M4, offsets, t_B, cond_BCHW, ~keep).float()
+            v_null = model(z, coords_M4, offsets, t_B, cond_BCHW, ~keep, layout=layout).float()
             v = v_null + cfg.guidance * (v - v_null)
         z = z + (t_next - t) * v
     return denormalize(model, z)

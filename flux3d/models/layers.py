@@ -6,7 +6,9 @@ whole sequences (one per asset, `Sequences`) or 3D windows (`attention.WindowPar
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,15 +21,27 @@ from flux3d.models.rope import apply_rotary
 
 @dataclass(frozen=True)
 class Sequences:
-    """Full attention within each packed sequence."""
+    """Full attention within each packed sequence; `bounds` is `cu_seqlens` on the host (no readback per layer)."""
 
     cu_seqlens: torch.Tensor
     max_seqlen: int
+    bounds: tuple[int, ...]
 
     @classmethod
     def from_offsets(cls, offsets: torch.Tensor) -> Sequences:
-        lengths = offsets[1:] - offsets[:-1]
-        return cls(offsets, int(lengths.max()) if len(lengths) else 0)
+        """One device->host copy of the offsets (a sync on the GPU): build it once per batch, not per layer."""
+        return cls.from_bounds(offsets, tuple(offsets.tolist()))
+
+    @classmethod
+    def from_bounds(cls, offsets: torch.Tensor, bounds: Sequence[int]) -> Sequences:
+        """`offsets` whose host copy `bounds` the caller already holds (no sync)."""
+        return cls(offsets, max((e - s for s, e in itertools.pairwise(bounds)), default=0), tuple(bounds))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Sequences:
+        return Sequences(self.cu_seqlens.to(device, non_blocking=non_blocking), self.max_seqlen, self.bounds)
+
+    def pin_memory(self) -> Sequences:
+        return Sequences(self.cu_seqlens.pin_memory(), self.max_seqlen, self.bounds)
 
 
 Groups = Sequences | WindowPartition
@@ -35,15 +49,15 @@ Groups = Sequences | WindowPartition
 
 def attention_pairs(groups: Groups) -> int:
     """Query-key pairs attention computes over these groups (for FLOP counts)."""
-    lengths = (groups.cu_seqlens[1:] - groups.cu_seqlens[:-1]).double()
-    return int((lengths ** 2).sum())
+    return sum((e - s) ** 2 for s, e in itertools.pairwise(groups.bounds))
 
 
 def attend(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, groups: Groups,
            backend: str = "auto") -> torch.Tensor:
     if isinstance(groups, WindowPartition):
         return windowed_attention(q_THD, k_THD, v_THD, groups, backend=backend)
-    return varlen_attention(q_THD, k_THD, v_THD, groups.cu_seqlens, groups.max_seqlen, backend=backend)
+    return varlen_attention(q_THD, k_THD, v_THD, groups.cu_seqlens, groups.max_seqlen, backend=backend,
+                            bounds=groups.bounds)
 
 
 class Attention(nn.Module):

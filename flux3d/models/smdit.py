@@ -38,7 +38,13 @@ from flux3d.models.rope import (
     marope_positions,
     rope_axes,
 )
-from flux3d.models.sparse import SparseBatch, patchify, unpatchify
+from flux3d.models.sparse import PatchLayout, SparseBatch, patch_layout, patchify, unpatchify
+
+
+def smdit_layout(coords_M4: torch.Tensor, offsets: torch.Tensor) -> PatchLayout:
+    """The SMDiT's per-batch layout: its 2^3 patchify of these voxels. `forward` builds it when not given one; the
+    trainer builds it on the host in the loader's workers instead, so the GPU step never waits on a readback."""
+    return patch_layout(coords_M4, len(offsets) - 1, 2)
 
 
 def _modulate(x_TD: torch.Tensor, shift_TD: torch.Tensor, scale_TD: torch.Tensor) -> torch.Tensor:
@@ -71,19 +77,22 @@ class Layout:
     vox: Sequences  # voxel tokens alone (the DiT ablation's self-attention)
 
     @classmethod
-    def build(cls, offsets: torch.Tensor, L: int) -> Layout:
-        B, dev = len(offsets) - 1, offsets.device
+    def build(cls, offsets: torch.Tensor, bounds: tuple[int, ...], L: int) -> Layout:
+        """From the coarse `offsets` and their host copy `bounds`: every size comes from the host ints, so nothing
+        here waits for the device."""
+        B, dev, Mv = len(bounds) - 1, offsets.device, bounds[-1]
         n_B = offsets[1:] - offsets[:-1]
-        batch_vox = torch.repeat_interleave(torch.arange(B, device=dev), n_B)
-        vox_to_joint = torch.arange(int(offsets[-1]), device=dev) + batch_vox * L
+        batch_vox = torch.repeat_interleave(torch.arange(B, device=dev), n_B, output_size=Mv)
+        vox_to_joint = torch.arange(Mv, device=dev) + batch_vox * L
         img_to_joint = ((offsets[1:] + torch.arange(B, device=dev) * L)[:, None]
                         + torch.arange(L, device=dev)[None]).flatten()
         joint_offsets = offsets + torch.arange(B + 1, device=dev) * L
         batch_img = torch.arange(B, device=dev).repeat_interleave(L)
-        batch_joint = torch.empty(int(joint_offsets[-1]), dtype=torch.int64, device=dev)
+        batch_joint = torch.empty(Mv + B * L, dtype=torch.int64, device=dev)
         batch_joint[vox_to_joint], batch_joint[img_to_joint] = batch_vox, batch_img
-        return cls(vox_to_joint, img_to_joint, Sequences.from_offsets(joint_offsets), batch_vox, batch_img,
-                   batch_joint, Sequences.from_offsets(offsets))
+        joint = Sequences.from_bounds(joint_offsets, [b + i * L for i, b in enumerate(bounds)])
+        return cls(vox_to_joint, img_to_joint, joint, batch_vox, batch_img, batch_joint,
+                   Sequences.from_bounds(offsets, bounds))
 
     def join(self, vox_TX: torch.Tensor, img_TX: torch.Tensor) -> torch.Tensor:
         out = vox_TX.new_empty((len(self.batch_joint), *vox_TX.shape[1:]))
@@ -167,7 +176,7 @@ class CrossDiTBlock(nn.Module):
         B = len(lay.vox.cu_seqlens) - 1
         k, v = self.kv(img_TD).view(B, -1, 2, self.heads, self.head_dim).unbind(2)
         q = self.q(self.norm_x(x)).view(-1, self.heads, self.head_dim)
-        bounds = lay.vox.cu_seqlens.tolist()
+        bounds = lay.vox.bounds
         out = torch.cat([F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[b].transpose(0, 1),
                                                         v[b].transpose(0, 1)).transpose(0, 1)
                          for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))])
@@ -223,15 +232,19 @@ class SMDiT(nn.Module):
         return self.img_in(patches.permute(0, 2, 3, 1, 4, 5).reshape(B * (h // 2) * (w // 2), 4 * C))
 
     def forward(self, x_MC: torch.Tensor, coords_M4: torch.Tensor, offsets: torch.Tensor, t_B: torch.Tensor,
-                cond_BCHW: torch.Tensor, drop_B: torch.Tensor | None = None) -> torch.Tensor:
-        """Velocity (M, C) for noisy latents `x_MC` at times `t_B`; `drop_B` (bool) swaps in the null condition."""
-        coarse, index = patchify(SparseBatch(coords_M4, x_MC, offsets), 2)
+                cond_BCHW: torch.Tensor, drop_B: torch.Tensor | None = None,
+                layout: PatchLayout | None = None) -> torch.Tensor:
+        """Velocity (M, C) for noisy latents `x_MC` at times `t_B`; `drop_B` (bool) swaps in the null condition.
+        `layout`: `smdit_layout(coords_M4, offsets)` built beforehand (the same result, no host syncs here)."""
+        if layout is None:
+            layout = smdit_layout(coords_M4, offsets)
+        coarse, index = patchify(SparseBatch(coords_M4, x_MC, offsets), 2, layout)
         vox = self.vox_in(coarse.feats)
         h, w = cond_BCHW.shape[2] // 2, cond_BCHW.shape[3] // 2
         img = self.image_tokens(cond_BCHW)
         if drop_B is not None:  # torch.where keeps null_cond in the graph even when nothing is dropped (DDP)
             img = torch.where(drop_B.repeat_interleave(h * w)[:, None], self.null_cond.to(img.dtype), img)
-        lay = Layout.build(coarse.offsets, h * w)
+        lay = Layout.build(coarse.offsets, layout.bounds, h * w)
         pos = self.positions(coarse.coords, lay, (h, w))
         rot = self.rope(pos) if self.rope is not None else None
         if self.ape is not None:
@@ -258,13 +271,14 @@ class SMDiT(nn.Module):
         img_pos = marope_positions(coarse_coords_M4.new_zeros((0, 3)), hw, grid, image_scale=self.cfg.image_scale)
         return lay.join(coarse_coords_M4[:, 1:].float(), img_pos.to(coarse_coords_M4.device).repeat(B, 1).float())
 
-    def flops(self, coords_M4: torch.Tensor, offsets: torch.Tensor, image_tokens: int) -> float:
+    def flops(self, coords_M4: torch.Tensor, offsets: torch.Tensor, image_tokens: int,
+              layout: PatchLayout | None = None) -> float:
         """Training FLOPs of one step (forward + backward = 3x forward): 2 x weights x tokens for every token-wise
         Linear (each stream's weights over its own tokens; modulation acts per sample and is negligible), plus
         attention's two matmuls (2 x 2 x pairs x width per block)."""
-        coarse, _ = patchify(SparseBatch(coords_M4, coords_M4.new_zeros((len(coords_M4), 1), dtype=torch.float32),
-                                         offsets), 2)
-        lay = Layout.build(coarse.offsets, image_tokens)
+        if layout is None:
+            layout = smdit_layout(coords_M4, offsets)
+        lay = Layout.build(layout.offsets, layout.bounds, image_tokens)
         n_vox, n_img = len(lay.vox_to_joint), len(lay.img_to_joint)
 
         def weights(m: nn.Module) -> int:

@@ -12,7 +12,8 @@ The batch index column is redundant with `offsets`, but scatter/segment ops and 
 row, and computing it once here saves every consumer a `repeat_interleave`.
 
 `patchify` / `unpatchify` are the SMDiT's structured 2^3 patchification of this layout (a kernel-2 stride-2
-sparse convolution written as gather + Linear) and its exact inverse back onto the fine voxels.
+sparse convolution written as gather + Linear) and its exact inverse back onto the fine voxels; `patch_layout` is
+the part of `patchify` that depends on the coordinates only, built once per batch in the loader.
 """
 
 from __future__ import annotations
@@ -128,19 +129,42 @@ class PatchIndex:
     num_coarse: int
 
 
-def patchify(batch: SparseBatch, factor: int = 2) -> tuple[SparseBatch, PatchIndex]:
-    """Merge each factor^3 block of fine voxels into one coarse voxel whose features hold its children's.
+@dataclass(frozen=True)
+class PatchLayout:
+    """All of `patchify` that depends on the coordinates only, with the coarse per-sample bounds as host ints.
 
-    Coarse voxels are the occupied (b, x // f, y // f, z // f), sorted by (b, x, y, z) and packed per sample.
-    Their features (Mc, f^3 * C) place each child's C features in its slot and zeros where a child is inactive:
-    exactly the im2col input of a kernel-f stride-f sparse convolution, so a Linear(f^3 * C, C') applied to them
-    is that convolution (the structured 2^3 patchification of the SMDiT) and `unpatchify` is its exact inverse.
+    Building it reads data-dependent sizes back to the host (torch.unique, bincount, the bounds): on a GPU each is a
+    sync that stalls the step. So the trainer builds it on the CPU in the loader's workers (`patch_layout`) and
+    moves it to the device with the batch; the model's step then has nothing left to read back.
     """
+
+    coords: torch.Tensor  # (Mc, 4) coarse [b, x, y, z], sorted, in the fine coords' dtype
+    offsets: torch.Tensor  # (B + 1,) int64 coarse voxels per sample, cumulative
+    bounds: tuple[int, ...]  # `offsets` on the host
+    index: PatchIndex
+
+    @property
+    def num_coarse(self) -> int:
+        return self.index.num_coarse
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PatchLayout:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+        i = self.index
+        return PatchLayout(move(self.coords), move(self.offsets), self.bounds,
+                           PatchIndex(move(i.coarse_row), move(i.child_slot), i.factor, i.num_coarse))
+
+    def pin_memory(self) -> PatchLayout:
+        i = self.index
+        return PatchLayout(self.coords.pin_memory(), self.offsets.pin_memory(), self.bounds,
+                           PatchIndex(i.coarse_row.pin_memory(), i.child_slot.pin_memory(), i.factor, i.num_coarse))
+
+
+def patch_layout(coords_M4: torch.Tensor, batch_size: int, factor: int = 2) -> PatchLayout:
+    """The coarse voxels of `patchify(batch, factor)` for a batch of `batch_size` samples with these coords."""
     if factor < 1:
         raise ValueError(f"factor must be >= 1, got {factor}")
-    if batch.feats.ndim != 2:
-        raise ValueError(f"patchify needs (M, C) feats, got {tuple(batch.feats.shape)}")
-    coords_M4 = batch.coords.to(torch.int64)
+    fine_dtype, coords_M4 = coords_M4.dtype, coords_M4.to(torch.int64)
     if len(coords_M4) and int(coords_M4.min()) < 0:
         raise ValueError("patchify needs non-negative batch indices and voxel coordinates")
     cells_M4 = torch.cat([coords_M4[:, :1], coords_M4[:, 1:] // factor], dim=1)
@@ -159,16 +183,36 @@ def patchify(batch: SparseBatch, factor: int = 2) -> tuple[SparseBatch, PatchInd
 
     coarse_coords = torch.empty(num_coarse, 4, dtype=torch.int64, device=cells_M4.device)
     coarse_coords[coarse_row] = cells_M4  # every child of a coarse voxel writes the same cell
-    counts_B = torch.bincount(coarse_coords[:, 0], minlength=batch.batch_size)
-    if len(counts_B) != batch.batch_size:
-        raise ValueError(f"coords hold batch indices beyond the batch size {batch.batch_size}")
-    offsets = torch.zeros(batch.batch_size + 1, dtype=torch.int64, device=cells_M4.device)
+    counts_B = torch.bincount(coarse_coords[:, 0], minlength=batch_size)
+    if len(counts_B) != batch_size:
+        raise ValueError(f"coords hold batch indices beyond the batch size {batch_size}")
+    offsets = torch.zeros(batch_size + 1, dtype=torch.int64, device=cells_M4.device)
     torch.cumsum(counts_B, 0, out=offsets[1:])
+    return PatchLayout(coarse_coords.to(fine_dtype), offsets, tuple(offsets.tolist()),
+                       PatchIndex(coarse_row, child_slot, factor, num_coarse))
 
+
+def patchify(batch: SparseBatch, factor: int = 2, layout: PatchLayout | None = None) -> tuple[SparseBatch, PatchIndex]:
+    """Merge each factor^3 block of fine voxels into one coarse voxel whose features hold its children's.
+
+    Coarse voxels are the occupied (b, x // f, y // f, z // f), sorted by (b, x, y, z) and packed per sample.
+    Their features (Mc, f^3 * C) place each child's C features in its slot and zeros where a child is inactive:
+    exactly the im2col input of a kernel-f stride-f sparse convolution, so a Linear(f^3 * C, C') applied to them
+    is that convolution (the structured 2^3 patchification of the SMDiT) and `unpatchify` is its exact inverse.
+    `layout` is `patch_layout(batch.coords, batch.batch_size, factor)` built beforehand (then nothing here syncs).
+    """
+    if batch.feats.ndim != 2:
+        raise ValueError(f"patchify needs (M, C) feats, got {tuple(batch.feats.shape)}")
+    if layout is None:
+        layout = patch_layout(batch.coords, batch.batch_size, factor)
+    elif layout.index.factor != factor or len(layout.index.coarse_row) != len(batch.coords):
+        raise ValueError(f"the patch layout is for {len(layout.index.coarse_row)} voxels at factor "
+                         f"{layout.index.factor}, the batch has {len(batch.coords)} at factor {factor}")
+    index, slots = layout.index, factor**3
     feats_MC = batch.feats
-    coarse_feats = feats_MC.new_zeros(num_coarse * slots, feats_MC.shape[1]).index_put((flat_slot_M,), feats_MC)
-    coarse = SparseBatch(coarse_coords.to(batch.coords.dtype), coarse_feats.reshape(num_coarse, -1), offsets)
-    return coarse, PatchIndex(coarse_row, child_slot, factor, num_coarse)
+    coarse_feats = feats_MC.new_zeros(index.num_coarse * slots, feats_MC.shape[1]).index_put(
+        (index.coarse_row * slots + index.child_slot,), feats_MC)
+    return SparseBatch(layout.coords, coarse_feats.reshape(index.num_coarse, -1), layout.offsets), index
 
 
 def unpatchify(coarse_feats: torch.Tensor, index: PatchIndex) -> torch.Tensor:

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 Background = Literal["random", "white", "black"]
 Sample = dict[str, Any]
+# (coords (M, 4), offsets (B + 1,)) -> the model's per-batch layout, e.g. models.smdit.smdit_layout.
+LayoutFn = Callable[[torch.Tensor, torch.Tensor], Any]
 
 
 def skip_bad_sample(exn: Exception) -> bool:
@@ -80,6 +82,9 @@ class Batch:
     view_index  (B, V) int64            which stored view_XXX each image is
     cond        (B, 3, Hc, Wc) float32 conditioning image (same background) | (B, 16, h, w) float32 latents | None
     cond_index  (B,) int64 | None       which stored conditioning view
+    layout      model layout | None     what the model derives from the voxel coordinates alone (its patchify or
+                                        window partitions, models/smdit.py `smdit_layout`, models/decoder.py
+                                        `decoder_layout`), built here on the host so the step reads nothing back
     """
 
     keys: list[str]
@@ -92,10 +97,13 @@ class Batch:
     view_index: torch.Tensor
     cond: torch.Tensor | None
     cond_index: torch.Tensor | None
+    layout: Any = None
 
     def _map(self, f: Callable[[Any], Any]) -> Batch:
+        # A layout has .to and .pin_memory too, so it moves with the batch (non_blocking included).
         return Batch(self.keys, f(self.voxels), *(None if t is None else f(t) for t in (
-            self.sigma, self.images, self.background, self.K, self.w2c, self.view_index, self.cond, self.cond_index)))
+            self.sigma, self.images, self.background, self.K, self.w2c, self.view_index, self.cond, self.cond_index,
+            self.layout)))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -244,12 +252,14 @@ def _worker_share(src: Iterable[Sample], total: int) -> Iterator[Sample]:
     return itertools.islice(src, total // num_workers + (worker < total % num_workers))
 
 
-def collate(samples: list[Sample]) -> Batch:
-    """Pack decoded samples into a `Batch` (voxels concatenated, everything else stacked)."""
+def collate(samples: list[Sample], layout: LayoutFn | None = None) -> Batch:
+    """Pack decoded samples into a `Batch` (voxels concatenated, everything else stacked); `layout` adds the model's
+    layout of the voxels, computed here, in the loader's worker, on the CPU (a GPU step would sync to build it)."""
     cond = [s["cond"] for s in samples]
+    voxels = SparseBatch.from_list([s["coords"] for s in samples], [s["mu"] for s in samples], torch.float32)
     return Batch(
         keys=[s["__key__"] for s in samples],
-        voxels=SparseBatch.from_list([s["coords"] for s in samples], [s["mu"] for s in samples], torch.float32),
+        voxels=voxels,
         sigma=torch.from_numpy(np.concatenate([s["sigma"] for s in samples]).astype(np.float32)),
         images=torch.stack([s["images"] for s in samples]),
         background=torch.tensor([[s["background"]] * 3 for s in samples], dtype=torch.float32),
@@ -258,11 +268,13 @@ def collate(samples: list[Sample]) -> Batch:
         view_index=torch.tensor([s["view_index"] for s in samples], dtype=torch.int64),
         cond=None if cond[0] is None else torch.stack(cond),
         cond_index=None if cond[0] is None else torch.tensor([s["cond_index"] for s in samples], dtype=torch.int64),
+        layout=None if layout is None else layout(voxels.coords, voxels.offsets),
     )
 
 
 def pack_to_budget(src: Iterable[Sample], batch_size: int, token_budget: int,
-                   handler: Callable[[Exception], bool] = skip_bad_sample) -> Iterator[Batch]:
+                   handler: Callable[[Exception], bool] = skip_bad_sample,
+                   layout: LayoutFn | None = None) -> Iterator[Batch]:
     """Batches in stream order of at most `batch_size` samples and `token_budget` voxels in all: a batch is closed
     when the next sample would pass either. Activation memory grows with the voxels of a batch, not its asset count,
     so a budget bounds a step's memory where a fixed batch size cannot (TRELLIS balances by voxel count too). A sample
@@ -278,18 +290,19 @@ def pack_to_budget(src: Iterable[Sample], batch_size: int, token_budget: int,
                 continue
             break
         if batch and (len(batch) == batch_size or tokens + n > token_budget):
-            yield collate(batch)
+            yield collate(batch, layout)
             batch, tokens = [], 0
         batch.append(sample)
         tokens += n
     if batch:
-        yield collate(batch)
+        yield collate(batch, layout)
 
 
 def make_dataset(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: int = 256, resampled: bool = False,
                  seed: int = 0, background: Background = "random", cond: bool = True, views_per_sample: int = 1,
                  epoch_samples: int | None = None, start_epoch: int = 0, token_budget: int = 0,
-                 handler: Callable[[Exception], bool] = skip_bad_sample) -> wds.DataPipeline:
+                 handler: Callable[[Exception], bool] = skip_bad_sample,
+                 layout: LayoutFn | None = None) -> wds.DataPipeline:
     """An iterable of `Batch`es over the shards at `urls` (local paths or fsspec URLs; see `shard_urls`).
 
     resampled=False: each epoch reads every shard once, split across nodes (RANK/WORLD_SIZE or torch.distributed)
@@ -303,6 +316,7 @@ def make_dataset(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: 
     number), so a resumed training run continues the stream it stopped in instead of replaying epoch 0.
     token_budget: > 0 packs batches to at most this many voxels (and `batch_size` samples; `pack_to_budget`).
     Bad samples and shards are passed to `handler` (default: log and skip).
+    layout: builds `Batch.layout` from each batch's voxels in the workers (a model's layout function).
     """
     url_list = [urls] if isinstance(urls, str) else list(urls)
     if not url_list:
@@ -327,8 +341,8 @@ def make_dataset(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: 
         _Shuffle(seed, start_epoch, shuffle_buffer),
         wds.map(_decode_images, handler=handler),
         None if epoch_samples is None else partial(_worker_share, total=epoch_samples),
-        partial(pack_to_budget, batch_size=batch_size, token_budget=token_budget, handler=handler) if token_budget
-        else wds.batched(batch_size, collation_fn=collate, partial=True),
+        partial(pack_to_budget, batch_size=batch_size, token_budget=token_budget, handler=handler, layout=layout)
+        if token_budget else wds.batched(batch_size, collation_fn=partial(collate, layout=layout), partial=True),
     )
 
 

@@ -3,6 +3,7 @@ supervision views and take the reconstruction loss against the renders."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -10,10 +11,10 @@ from torch import nn
 from torchvision.utils import make_grid
 
 from flux3d.config.training import TrainConfig
-from flux3d.models.decoder import GaussianDecoder
+from flux3d.models.decoder import GaussianDecoder, decoder_layout
 from flux3d.models.gaussians import Gaussians
 from flux3d.models.rasterizer import render_views
-from flux3d.training.data import Batch
+from flux3d.training.data import Batch, LayoutFn
 from flux3d.training.step import Step, unwrap
 
 
@@ -31,11 +32,15 @@ class DecoderStep(Step):
         model.set_runtime(self.cfg.scale.grad_checkpointing, self.cfg.scale.attention)
         return model
 
+    def layout_fn(self) -> LayoutFn:
+        return partial(decoder_layout, self.cfg.decoder)
+
     def forward(self, model: nn.Module, batch: Batch, gen: torch.Generator | None) -> tuple[Any, list[Gaussians],
                                                                                              torch.Tensor]:
         v = batch.voxels
-        out = model(v.feats, v.coords, v.offsets, sigma_MC=batch.sigma if model.training else None, generator=gen)
-        gaussians = unwrap(model).to_gaussians(out.raw, v.coords, v.offsets)
+        out = model(v.feats, v.coords, v.offsets, sigma_MC=batch.sigma if model.training else None, generator=gen,
+                    layout=batch.layout)
+        gaussians = unwrap(model).to_gaussians(out.raw, v.coords, v.offsets, batch.layout)
         B, V, _, H, W = batch.images.shape
         pred = render_views(gaussians, batch.K, batch.w2c, H, W, batch.background)
         return out, gaussians, pred
@@ -46,7 +51,7 @@ class DecoderStep(Step):
 
     def work(self, model: nn.Module, batch: Batch) -> dict[str, float]:
         v = batch.voxels
-        flops = unwrap(model).flops(v.coords, v.offsets) if self.device.type == "cuda" else 0.0
+        flops = unwrap(model).flops(v.coords, v.offsets, batch.layout) if self.device.type == "cuda" else 0.0
         return {"samples": float(v.batch_size), "tokens": float(v.coords.shape[0]), "flops": flops}
 
     def images(self, model: nn.Module, batch: Batch) -> torch.Tensor | None:

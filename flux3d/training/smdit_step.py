@@ -17,8 +17,8 @@ from torch import nn
 from flux3d.config.training import TrainConfig
 from flux3d.features.vae import ConditionEncoder
 from flux3d.models.flow_matching import flow_matching_loss, logit_normal, normalize
-from flux3d.models.smdit import SMDiT
-from flux3d.training.data import Batch
+from flux3d.models.smdit import SMDiT, smdit_layout
+from flux3d.training.data import Batch, LayoutFn
 from flux3d.training.step import Step, unwrap
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,9 @@ class SMDiTStep(Step):
         model.set_runtime(self.cfg.scale.grad_checkpointing, self.cfg.scale.attention)
         return model
 
+    def layout_fn(self) -> LayoutFn:
+        return smdit_layout
+
     def step(self, model: nn.Module, batch: Batch, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
         if batch.cond is None:
             raise ValueError("SMDiT training needs conditioning views in the shards (shard.cond_views > 0)")
@@ -50,7 +53,7 @@ class SMDiTStep(Step):
         t = logit_normal(B, f.logit_normal_mean, f.logit_normal_std, gen, self.device)
         eps = torch.randn(z0.shape, generator=gen, device=self.device)
         drop = torch.rand(B, generator=gen, device=self.device) < f.cond_drop
-        loss = flow_matching_loss(model, z0, v.coords, v.offsets, cond, t, eps, drop)
+        loss = flow_matching_loss(model, z0, v.coords, v.offsets, cond, t, eps, drop, batch.layout)
         return loss, {"t_mean": t.mean().detach()}
 
     def work(self, model: nn.Module, batch: Batch) -> dict[str, float]:
@@ -59,10 +62,10 @@ class SMDiTStep(Step):
         if batch.cond is not None:
             side = batch.cond.shape[-1] if batch.cond.shape[1] != 3 else self.cfg.flow.cond_resolution // 8
             img_tokens = (side // 2) ** 2
-        flops = unwrap(model).flops(v.coords, v.offsets, img_tokens) if self.device.type == "cuda" else 0.0
-        key = v.coords.long()
-        key = ((key[:, 0] * 256 + key[:, 1] // 2) * 256 + key[:, 2] // 2) * 256 + key[:, 3] // 2
-        voxel_tokens = int(torch.unique(key).numel())  # after the 2^3 patchify
+        # The voxel tokens are the coarse voxels of the 2^3 patchify: the loader's layout has them on the host.
+        layout = batch.layout if batch.layout is not None else smdit_layout(v.coords, v.offsets)
+        flops = unwrap(model).flops(v.coords, v.offsets, img_tokens, layout) if self.device.type == "cuda" else 0.0
+        voxel_tokens = layout.num_coarse
         return {"samples": float(v.batch_size), "tokens": float(voxel_tokens + v.batch_size * img_tokens),
                 "flops": flops}
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from flux3d.config.training import TrainConfig
-from flux3d.training.data import Batch, make_loader, shard_urls
+from flux3d.training.data import Batch, LayoutFn, make_loader, shard_urls
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -53,6 +53,10 @@ class Step:
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
+    def layout_fn(self) -> LayoutFn | None:
+        """The model's layout function, which the loader's workers apply to each batch (`Batch.layout`)."""
+        return None
+
     def step(self, model: nn.Module, batch: Batch, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
         raise NotImplementedError
 
@@ -72,7 +76,7 @@ class Step:
         return make_loader(urls, batch_size=d.batch_size, num_workers=d.workers, resampled=True,
                            epoch_samples=max(per_rank, 1), seed=self.cfg.run.seed, start_epoch=start_epoch,
                            background=d.background, cond=self.needs_cond, views_per_sample=d.views_per_sample,
-                           shuffle_buffer=d.shuffle_buffer, token_budget=d.token_budget,
+                           shuffle_buffer=d.shuffle_buffer, token_budget=d.token_budget, layout=self.layout_fn(),
                            pin_memory=self.device.type == "cuda")
 
 
