@@ -154,8 +154,14 @@ def layout_cost(model: GaussianDecoder, device: torch.device, sizes: list[int], 
     variants = {"in the forward": None, "by the loader": decoder_layout(model.cfg, coords, offsets).to(device)}
     fns = {name: step_fn(model, b, bf16, given) for name, given in variants.items()}
     fns["layout alone"] = lambda: decoder_layout(model.cfg, coords, offsets)  # on the host: the loader's worker
+    print_layout_cost(fns, device, repeat)
+
+
+def print_layout_cost(fns: dict[str, Callable[[], object]], device: torch.device, repeat: int) -> None:
+    """Section 5 of both model benchmarks: the step with the layout built in the forward and given by the loader
+    (interleaved runs, medians), the host syncs of each, and what building the layout alone costs."""
     secs = alternating(fns, device, max(repeat, 7))
-    for name in variants:
+    for name in ("in the forward", "by the loader"):
         with HostSyncs() as syncs:
             fns[name]()
         print(f"  built {name:>14}: {secs[name] * 1e3:8.1f} ms/step, {syncs.total:3d} host syncs {dict(syncs.counts)}")

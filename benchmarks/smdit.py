@@ -21,12 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decoder import alternating, batch_of, bench_args, timed  # noqa: E402 - the shared layout, timing and CLI helpers
+from decoder import batch_of, bench_args, print_layout_cost, timed  # noqa: E402 - the shared layout, timing and CLI helpers
 
 from flux3d.models.configs import SMDiTConfig  # noqa: E402
 from flux3d.models.flow_matching import SamplerConfig, flow_matching_loss, sample  # noqa: E402
 from flux3d.models.smdit import SMDiT, smdit_layout  # noqa: E402
-from flux3d.training.syncs import HostSyncs  # noqa: E402
 from flux3d.training.telemetry import peak_flops  # noqa: E402
 
 
@@ -104,13 +103,7 @@ def layout_cost(model: SMDiT, device: torch.device, sizes: list[int], latent_hw:
     b = batch_of(sizes, device)
     coords, offsets = b.coords.cpu(), b.offsets.cpu()
     fns["layout alone"] = lambda: smdit_layout(coords, offsets)  # on the host: the loader's worker
-    secs = alternating(fns, device, max(repeat, 7))
-    for name in variants:
-        with HostSyncs() as syncs:
-            fns[name]()
-        print(f"  built {name:>14}: {secs[name] * 1e3:8.1f} ms/step, {syncs.total:3d} host syncs {dict(syncs.counts)}")
-    print(f"  building it on the host (the loader's worker): {secs['layout alone'] * 1e3:.1f} ms per batch "
-          "(medians of interleaved runs)")
+    print_layout_cost(fns, device, repeat)
 
 
 if __name__ == "__main__":
