@@ -2,7 +2,9 @@
 
 The two jobs run at once: the SMDiT diffuses the FLUX features themselves, not anything the decoder makes, and
 needs the decoder only for its optional image grids (skipped until the decoder has a checkpoint). A cluster with
-room for both trains them side by side; on a full one Ray queues the second job's workers until the first is done.
+room for both trains them side by side. On a full one the second job waits: Ray Train retries a worker group
+that found no resources (WorkerGroupStartupTimeoutError, every 60 s, without limit by default) until the first
+job's workers are gone.
 Local mode (`train.local`: both in this process) trains them one after the other.
 
 Run directories are keyed by dataset version (<root>/models/<version>/{decoder,smdit}), and training resumes from a
