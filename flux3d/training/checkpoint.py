@@ -32,11 +32,14 @@ rank restarts at the start of rank 0's saved epoch, with a warning (`trainer._po
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import posixpath
 import re
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +112,14 @@ def _reader(run: Storage, rel: str) -> dcp.StorageReader:
     return FsspecReader(_url(run, rel))
 
 
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
+    # DCP warns on every call without a process group; one process (local runs, load_model) is intended here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def begin(run: Storage, step: int) -> None:
     """Rank 0, before every rank saves: clear a half-written folder of this step (a killed save, or a complete
     checkpoint of a step being re-saved after a failed worker group restarted). Callers barrier after it."""
@@ -120,7 +131,8 @@ def begin(run: Storage, step: int) -> None:
 def save_shards(run: Storage, step: int, state: dict[str, Any]) -> None:
     """Every rank: write its shards of `state` ({"model", "ema", "optim"}: sharded DTensors under FSDP2, plain
     tensors otherwise). DCP deduplicates replicated tensors (DDP), so each is written once across ranks."""
-    dcp.save(state, storage_writer=_writer(run, f"{_work_rel(run, step)}/{DCP_DIR}"))
+    with _single_process_ok():
+        dcp.save(state, storage_writer=_writer(run, f"{_work_rel(run, step)}/{DCP_DIR}"))
 
 
 def finish(run: Storage, step: int, *, train_state: dict[str, Any], meta: dict[str, Any], keep: int) -> Checkpoint:
@@ -143,7 +155,8 @@ def load_shards(run: Storage, ckpt: Checkpoint, state: dict[str, Any]) -> None:
     if not run.exists(f"{ckpt.rel}/{DCP_DIR}/.metadata"):
         raise ValueError(f"{run.path(ckpt.rel)} holds no {DCP_DIR}/ checkpoint (written before checkpoints moved "
                          "to torch.distributed.checkpoint?)")
-    dcp.load(state, storage_reader=_reader(run, f"{ckpt.rel}/{DCP_DIR}"))
+    with _single_process_ok():
+        dcp.load(state, storage_reader=_reader(run, f"{ckpt.rel}/{DCP_DIR}"))
 
 
 def load_train_state(run: Storage, ckpt: Checkpoint) -> dict[str, Any]:

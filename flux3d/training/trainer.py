@@ -5,7 +5,8 @@
 
 What differs between the two models is a `Step` (step.py): how to build the model and what one step's loss is;
 everything else lives here once: DDP or FSDP2, AdamW with warm-up, bf16 autocast on CUDA, gradient clipping, EMA,
-checkpoints (torch.distributed.checkpoint) with exact resume, metrics (metrics.jsonl + TensorBoard scalars and image grids), throughput and MFU.
+sharded checkpoints (torch.distributed.checkpoint) with exact resume, metrics (metrics.jsonl + TensorBoard scalars
+and image grids), throughput and MFU.
 
 Per-step randomness comes from a generator seeded by (seed, rank, step), so a run resumed from step N draws the
 same noise as the uninterrupted run did (see checkpoint.py). The data stream is positioned by (epoch, batches).
@@ -129,6 +130,21 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
+def build(cfg: TrainConfig, model_step: Step, device: torch.device,
+          world: int) -> tuple[nn.Module, torch.optim.Optimizer, Any, EMA | None]:
+    """The model (wrapped for `world` workers), AdamW, its schedule and the EMA, as a fresh run starts them."""
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+    with device:  # initialise on the training device: 820 M parameters take seconds to initialise on a CPU
+        model = model_step.build_model()
+    model = _wrap(model, cfg, device, world)
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                              betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+                              fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, cfg))
+    ema = EMA(unwrap(model), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    return model, optim, sched, ema
+
+
 def _train(cfg: TrainConfig) -> dict[str, Any]:
     rank, world, local_rank = _dist_info()
     use_cuda = torch.cuda.is_available() and cfg.scale.use_gpu is not False
@@ -139,15 +155,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     run = Storage(cfg.run.out)
     model_step: Step = (DecoderStep if cfg.kind == "decoder" else SMDiTStep)(cfg, device)
 
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-    with device:  # initialise on the training device: 820 M parameters take seconds to initialise on a CPU
-        model = model_step.build_model()
-    model = _wrap(model, cfg, device, world)
-    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                              betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-                              fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, cfg))
-    ema = EMA(unwrap(model), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    model, optim, sched, ema = build(cfg, model_step, device, world)
 
     step, epoch, skip = 0, 0, 0
     found = ckpt_io.latest(run)
