@@ -46,6 +46,8 @@ def _largest_asset(ds) -> int:
 
 @pytest.mark.parametrize("kind,extra", [
     ("decoder", {}), ("smdit", {}),
+    # One asset per batch: two batches per epoch, so the resume seeks into the middle of an epoch.
+    ("decoder", {"data.batch_size": 1}),
     # Two batches per optimiser step, each packed to a token budget one asset fills, and a decaying schedule.
     ("decoder", {"optim.grad_accum": 2, "data.token_budget": "largest", "optim.decay": "cosine",
                  "optim.warmup_steps": 2}),

@@ -101,7 +101,8 @@ def _writer(run: Storage, rel: str) -> dcp.StorageWriter:
         return dcp.FileSystemWriter(run.path(rel))
     from torch.distributed.checkpoint import FsspecWriter
 
-    return FsspecWriter(_url(run, rel))
+    # An object store has no fsync (an upload is durable when it completes); asking only draws a warning per file.
+    return FsspecWriter(_url(run, rel), sync_files=False)
 
 
 def _reader(run: Storage, rel: str) -> dcp.StorageReader:
