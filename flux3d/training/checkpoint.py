@@ -122,9 +122,14 @@ def _single_process_ok() -> Iterator[None]:
 
 
 def begin(run: Storage, step: int) -> None:
-    """Rank 0, before every rank saves: clear a half-written folder of this step (a killed save, or a complete
-    checkpoint of a step being re-saved after a failed worker group restarted). Callers barrier after it."""
-    for rel in {_work_rel(run, step), step_rel(step)}:
+    """Rank 0, before every rank saves: clear a half-written folder of this step (a re-save after a failed worker
+    group restarted) and, on local disk, any temporary step folder a killed save left (one run saves one step at
+    a time, so none of them is in flight). Callers barrier after it."""
+    stale = {step_rel(step), _work_rel(run, step)}
+    if run.local and run.exists("checkpoints"):
+        stale |= {f"checkpoints/{posixpath.basename(p.rstrip('/'))}" for p in run.fs.ls(run.path("checkpoints"))
+                  if posixpath.basename(p.rstrip("/")).startswith(f"{TMP_MARK}step_")}
+    for rel in stale:
         if run.exists(rel):
             run.fs.rm(run.path(rel), recursive=True)
 
