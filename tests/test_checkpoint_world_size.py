@@ -59,6 +59,11 @@ def test_two_fsdp_workers_then_one(synthetic_shards, tmp_path, monkeypatch, capl
     dcp_to_torch_save(str(step_dir / "dcp"), str(tmp_path / "whole.pt"))
     saved = torch.load(tmp_path / "whole.pt", weights_only=False)
 
+    # The inference reader (one process, no process group) puts the two ranks' shards back together.
+    plain, _ = ckpt_io.load_model(str(step_dir), which="model")
+    for name, t in plain.state_dict().items():
+        assert torch.equal(t, saved["model"][name]), name
+
     one = apply_overrides(cfg, {"scale.num_workers": 1, "scale.fsdp": False, "run.steps": 3})
     model, optim, sched, ema = build(one, DecoderStep(one, torch.device("cpu")), torch.device("cpu"), 1)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
