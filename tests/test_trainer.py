@@ -46,6 +46,8 @@ def _largest_asset(ds) -> int:
 
 @pytest.mark.parametrize("kind,extra", [
     ("decoder", {}), ("smdit", {}),
+    # One asset per batch: two batches per epoch, so the resume seeks into the middle of an epoch.
+    ("decoder", {"data.batch_size": 1}),
     # Two batches per optimiser step, each packed to a token budget one asset fills, and a decaying schedule.
     ("decoder", {"optim.grad_accum": 2, "data.token_budget": "largest", "optim.decay": "cosine",
                  "optim.warmup_steps": 2}),
@@ -129,6 +131,13 @@ def test_checkpoints_are_complete_or_absent_and_pruned(demo_ds, tmp_path):
     (tmp_path / "run" / "checkpoints" / "step_0000009").mkdir()
     (tmp_path / "run" / "checkpoints" / "step_0000009" / "model.safetensors").write_bytes(b"partial")
     assert ckpt_io.latest(run).step == 4
+    # Nor is a save killed before its rename (local disk writes the step under a temporary name, meta.json included).
+    tmp = tmp_path / "run" / "checkpoints" / ".tmp-step_0000010"
+    (tmp / "dcp").mkdir(parents=True)
+    (tmp / "meta.json").write_text((tmp_path / "run" / "checkpoints" / "step_0000004" / "meta.json").read_text())
+    assert ckpt_io.latest(run).step == 4
+    ckpt_io.begin(run, 5)  # the next save clears what the killed one left
+    assert not tmp.exists() and (tmp_path / "run" / "checkpoints" / "step_0000004").is_dir()
     saved = from_dict(TrainConfig, json.loads((tmp_path / "run" / "config.json").read_text()))
     assert saved == cfg
     model, loaded_cfg = load_model(str(tmp_path / "run"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -227,7 +228,45 @@ class _Shuffle(_EpochStage):
         return wds.shuffle(self.bufsize, initial=min(self.bufsize, 100), rng=rng)(src)
 
 
+class _SkipBatches(_EpochStage):
+    """A resume's seek: in `start_epoch`, mark the samples of this worker's first batches so that `_decode_images`
+    and `collate` pass them over and `_drop_skipped` drops them after the epoch share has counted them.
+
+    Batch boundaries are replayed from the voxel counts alone (`batch_size` and `token_budget` by the rule of
+    `pack_to_budget`), so the first batch after the seek is exactly the one the uninterrupted run saw, while the
+    skipped samples' images are never decoded. Shard reads, the shuffle and the small arrays still run: they are
+    what positions the stream. Limits: a sample whose images would have failed to decode inside the skipped part
+    is counted as if it had not (the stream then shifts by that sample), and with several DataLoader workers the
+    skipped batches are split round-robin, as the DataLoader hands them out while no worker has run dry."""
+
+    def __init__(self, seed: int, start_epoch: int, skip_batches: int, batch_size: int, token_budget: int) -> None:
+        super().__init__(seed, start_epoch)
+        self.start_epoch, self.skip_batches = start_epoch, skip_batches
+        self.batch_size, self.token_budget = batch_size, token_budget
+
+    def stage(self, src: Iterable[Sample]) -> Iterator[Sample]:
+        _, _, worker, num_workers = pytorch_worker_info()
+        todo = len(range(worker, self.skip_batches, num_workers)) if self.epoch == self.start_epoch else 0
+        budget = self.token_budget or math.inf  # without a budget only the sample count closes a batch
+        count, tokens = 0, 0
+        for sample in src:
+            n = len(sample["coords"])
+            if todo and n <= budget:  # pack_to_budget drops a sample over the budget: it takes no place in a batch
+                if count and (count == self.batch_size or tokens + n > budget):
+                    todo, count, tokens = todo - 1, 0, 0  # this sample opens the next batch
+                if todo:
+                    count, tokens = count + 1, tokens + n
+                    sample["__skip__"] = True
+            yield sample
+
+
+def _drop_skipped(src: Iterable[Sample]) -> Iterator[Sample]:
+    return (sample for sample in src if not sample.get("__skip__"))
+
+
 def _decode_images(sample: Sample) -> Sample:
+    if sample.get("__skip__"):
+        return sample  # a resume's seek passes over it (_SkipBatches)
     try:
         images = [_rgb(decode_image(data), sample["background"]) for data in sample.pop("views")]
         res = sample["resolution"]
@@ -301,7 +340,7 @@ def pack_to_budget(src: Iterable[Sample], batch_size: int, token_budget: int,
 def make_dataset(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: int = 256, resampled: bool = False,
                  seed: int = 0, background: Background = "random", cond: bool = True, views_per_sample: int = 1,
                  epoch_samples: int | None = None, start_epoch: int = 0, token_budget: int = 0,
-                 handler: Callable[[Exception], bool] = skip_bad_sample,
+                 skip_batches: int = 0, handler: Callable[[Exception], bool] = skip_bad_sample,
                  layout: LayoutFn | None = None) -> wds.DataPipeline:
     """An iterable of `Batch`es over the shards at `urls` (local paths or fsspec URLs; see `shard_urls`).
 
@@ -315,6 +354,8 @@ def make_dataset(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: 
     start_epoch: the first epoch this pipeline yields (every epoch's stream is a function of the seed and its
     number), so a resumed training run continues the stream it stopped in instead of replaying epoch 0.
     token_budget: > 0 packs batches to at most this many voxels (and `batch_size` samples; `pack_to_budget`).
+    skip_batches: batches of `start_epoch` (this process's, across its workers) to seek past without decoding
+    their images (`_SkipBatches`): a resumed run's stream then equals the uninterrupted run's from that batch on.
     Bad samples and shards are passed to `handler` (default: log and skip).
     layout: builds `Batch.layout` from each batch's voxels in the workers (a model's layout function).
     """
@@ -323,9 +364,9 @@ def make_dataset(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: 
         raise ValueError("no shard URLs")
     if background not in ("random", "white", "black"):
         raise ValueError(f"background must be random, white or black, not {background!r}")
-    if batch_size < 1 or views_per_sample < 1 or token_budget < 0:
+    if batch_size < 1 or views_per_sample < 1 or token_budget < 0 or skip_batches < 0:
         raise ValueError(f"batch_size ({batch_size}) and views_per_sample ({views_per_sample}) must be >= 1, "
-                         f"token_budget ({token_budget}) >= 0")
+                         f"token_budget ({token_budget}) and skip_batches ({skip_batches}) >= 0")
     if resampled:
         resampler = wds.ResampledShards(url_list, seed=seed, deterministic=True)
         resampler.epoch = start_epoch - 1  # it counts its own epochs the same way (+1 per iteration)
@@ -339,8 +380,10 @@ def make_dataset(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: 
         partial(group_by_keys, handler=handler),
         _PickViews(seed, start_epoch, views_per_sample, background, cond, handler),
         _Shuffle(seed, start_epoch, shuffle_buffer),
+        _SkipBatches(seed, start_epoch, skip_batches, batch_size, token_budget) if skip_batches else None,
         wds.map(_decode_images, handler=handler),
         None if epoch_samples is None else partial(_worker_share, total=epoch_samples),
+        _drop_skipped if skip_batches else None,
         partial(pack_to_budget, batch_size=batch_size, token_budget=token_budget, handler=handler, layout=layout)
         if token_budget else wds.batched(batch_size, collation_fn=partial(collate, layout=layout), partial=True),
     )

@@ -67,14 +67,16 @@ class Step:
     def images(self, model: nn.Module, batch: Batch) -> torch.Tensor | None:
         return None
 
-    def loader(self, rank: int, world: int, start_epoch: int):  # noqa: ANN201 - a webdataset WebLoader
+    def loader(self, rank: int, world: int, start_epoch: int, skip_batches: int = 0):  # noqa: ANN201 - a WebLoader
         """An endless stream of this worker's batches: shards resampled per worker and rank, `epoch_samples` per
-        epoch (default: the split's assets spread over the workers), every epoch reproducible from the seed."""
+        epoch (default: the split's assets spread over the workers), every epoch reproducible from the seed;
+        `skip_batches` of `start_epoch` are passed over undecoded (a resume)."""
         d = self.cfg.data
         urls = shard_urls(d.shards, d.split)
         per_rank = d.epoch_samples or math.ceil(_split_size(d.shards, d.split) / world)
         return make_loader(urls, batch_size=d.batch_size, num_workers=d.workers, resampled=True,
                            epoch_samples=max(per_rank, 1), seed=self.cfg.run.seed, start_epoch=start_epoch,
+                           skip_batches=skip_batches,
                            background=d.background, cond=self.needs_cond, views_per_sample=d.views_per_sample,
                            shuffle_buffer=d.shuffle_buffer, token_budget=d.token_budget, layout=self.layout_fn(),
                            pin_memory=self.device.type == "cuda")

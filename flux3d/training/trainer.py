@@ -5,7 +5,8 @@
 
 What differs between the two models is a `Step` (step.py): how to build the model and what one step's loss is;
 everything else lives here once: DDP or FSDP2, AdamW with warm-up, bf16 autocast on CUDA, gradient clipping, EMA,
-checkpoints with exact resume, metrics (metrics.jsonl + TensorBoard scalars and image grids), throughput and MFU.
+sharded checkpoints (torch.distributed.checkpoint) with exact resume, metrics (metrics.jsonl + TensorBoard scalars
+and image grids), throughput and MFU.
 
 Per-step randomness comes from a generator seeded by (seed, rank, step), so a run resumed from step N draws the
 same noise as the uninterrupted run did (see checkpoint.py). The data stream is positioned by (epoch, batches).
@@ -74,29 +75,19 @@ class EMA:
         torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: _full(t) for n, t in zip(self.names, self.shadow)}
+        # The shadows themselves (DTensor shards under FSDP2): DCP saves and loads them in place, unsharded never.
+        return dict(zip(self.names, self.shadow))
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name, t in zip(self.names, self.shadow):
-            _load_into(t, state[name])
+            if state[name] is not t:
+                t.copy_(state[name])
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t  # DTensor (FSDP2) -> gathered tensor
-
-
-def _load_into(dst: torch.Tensor, src: torch.Tensor) -> None:
-    if hasattr(dst, "device_mesh"):  # a DTensor shard: take this rank's part of the full tensor
-        from torch.distributed.tensor import distribute_tensor
-
-        src = distribute_tensor(src.to(dst.device), dst.device_mesh, dst.placements)
-    dst.copy_(src)
-
-
-def _state_io():  # noqa: ANN202 - the torch.distributed.checkpoint helpers, imported once
+def _state_io():  # noqa: ANN202 - the torch.distributed.checkpoint state_dict helpers
     from torch.distributed.checkpoint import state_dict as sd
 
-    return sd, sd.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return sd
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -139,6 +130,21 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
+def build(cfg: TrainConfig, model_step: Step, device: torch.device,
+          world: int) -> tuple[nn.Module, torch.optim.Optimizer, Any, EMA | None]:
+    """The model (wrapped for `world` workers), AdamW, its schedule and the EMA, as a fresh run starts them."""
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+    with device:  # initialise on the training device: 820 M parameters take seconds to initialise on a CPU
+        model = model_step.build_model()
+    model = _wrap(model, cfg, device, world)
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                              betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+                              fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, cfg))
+    ema = EMA(unwrap(model), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    return model, optim, sched, ema
+
+
 def _train(cfg: TrainConfig) -> dict[str, Any]:
     rank, world, local_rank = _dist_info()
     use_cuda = torch.cuda.is_available() and cfg.scale.use_gpu is not False
@@ -149,37 +155,18 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     run = Storage(cfg.run.out)
     model_step: Step = (DecoderStep if cfg.kind == "decoder" else SMDiTStep)(cfg, device)
 
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-    with device:  # initialise on the training device: 820 M parameters take seconds to initialise on a CPU
-        model = model_step.build_model()
-    model = _wrap(model, cfg, device, world)
-    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                              betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-                              fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, cfg))
-    ema = EMA(unwrap(model), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    model, optim, sched, ema = build(cfg, model_step, device, world)
 
     step, epoch, skip = 0, 0, 0
-    sd, opts = _state_io()
     found = ckpt_io.latest(run)
     if found is not None:
-        state = ckpt_io.load_state(run, found)
-        sd.set_model_state_dict(model, ckpt_io.load_weights(run, found), options=opts)
-        sd.set_optimizer_state_dict(model, optim, state["optim"], options=opts)
-        sched.load_state_dict(state["sched"])
-        # The optimiser state carries the lr of the run that saved it; this run's schedule (run.steps may have
-        # grown, changing a decay) decides the next step's.
-        for group, base in zip(optim.param_groups, sched.base_lrs, strict=True):
-            group["lr"] = base * lr_factor(found.step, cfg)
-        if ema is not None:
-            ema.load_state_dict(ckpt_io.load_weights(run, found, "ema"))
-        step, (epoch, skip) = found.step, _position(state, rank, world)
-        log.info("rank %d: resumed %s at step %d (epoch %d, batch %d)", rank, run.path(found.rel), step, epoch, skip)
+        step, epoch, skip = restore(run, found, cfg, model, optim, sched, ema, rank, world)
     elif rank == 0:
         run.write_bytes("config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True).encode())
 
     telemetry = Telemetry(run, cfg, rank, resume_step=step, peak=peak_flops(device) if bf16 else None)
-    loader = model_step.loader(rank, world, start_epoch=epoch)
+    # The loader seeks past the `skip` batches this epoch already had, without decoding them (data.py).
+    loader = model_step.loader(rank, world, start_epoch=epoch, skip_batches=skip)
     params = sum(p.numel() for p in unwrap(model).parameters())
     if rank == 0:
         log.info("%s: %.2f M parameters, %d worker(s), %s%s", cfg.kind, params / 1e6, world, device,
@@ -189,11 +176,9 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     accum = cfg.optim.grad_accum
     micro, loss_sum, work = 0, None, {}
     while step < cfg.run.steps:
-        batches = 0
+        batches = skip  # the count within this epoch, saved in checkpoints
         for batch in loader:
             batches += 1
-            if batches <= skip:
-                continue  # fast-forward to where the checkpoint stopped in this epoch
             batch = batch.to(device, non_blocking=True)
             # One seed per batch: (step, micro) for accumulated steps, (step) alone without accumulation.
             gen = torch.Generator(device).manual_seed(_step_seed(cfg.run.seed, rank, step * accum + micro))
@@ -231,35 +216,69 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             if step >= cfg.run.steps:
                 break
         else:
-            epoch, skip = epoch + 1, 0
             if batches == 0:
-                raise ValueError(f"the loader yielded no batch in epoch {epoch - 1}: is {cfg.data.shards} empty?")
+                raise ValueError(f"the loader yielded no batch in epoch {epoch}: is {cfg.data.shards} empty?")
+            epoch, skip = epoch + 1, 0
             continue
         break
     telemetry.close()
     return {"step": step, "metrics": last, "run": run.url}
 
 
+def _train_state(model: nn.Module, optim: torch.optim.Optimizer, ema: EMA | None) -> dict[str, Any]:
+    """What DCP saves and loads: this rank's shards of the weights, the EMA and the optimiser (FSDP2 DTensors stay
+    sharded; state_dict's helpers also strip DDP's `module.` and key the optimiser by parameter name)."""
+    sd = _state_io()
+    state = {"model": sd.get_model_state_dict(model), "optim": sd.get_optimizer_state_dict(model, optim)}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    return state
+
+
+def restore(run: Storage, found: ckpt_io.Checkpoint, cfg: TrainConfig, model: nn.Module,
+            optim: torch.optim.Optimizer, sched: Any, ema: EMA | None, rank: int, world: int) -> tuple[int, int, int]:
+    """Load checkpoint `found` into this rank's model, optimiser, schedule and EMA (resharded by DCP when the
+    world size changed) and return where to go on: (step, epoch, batches to skip in it)."""
+    sd = _state_io()
+    state = _train_state(model, optim, ema)  # the shapes and shards to read into
+    ckpt_io.load_shards(run, found, state)
+    sd.set_model_state_dict(model, state["model"])
+    sd.set_optimizer_state_dict(model, optim, state["optim"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    train_state = ckpt_io.load_train_state(run, found)
+    sched.load_state_dict(train_state["sched"])
+    # The optimiser state carries the lr of the run that saved it; this run's schedule (run.steps may have
+    # grown, changing a decay) decides the next step's.
+    for group, base in zip(optim.param_groups, sched.base_lrs, strict=True):
+        group["lr"] = base * lr_factor(found.step, cfg)
+    epoch, skip = _position(train_state, rank, world)
+    log.info("rank %d: resumed %s at step %d (epoch %d, batch %d)", rank, run.path(found.rel), found.step, epoch,
+             skip)
+    return found.step, epoch, skip
+
+
 def _save(run: Storage, cfg: TrainConfig, model: nn.Module, optim: torch.optim.Optimizer, sched: Any,
           ema: EMA | None, step: int, epoch: int, batches: int, metrics: dict[str, float], telemetry: Telemetry,
           rank: int) -> None:
-    sd, opts = _state_io()
+    distributed = dist.is_available() and dist.is_initialized()
     # Every rank's place in its data stream: with token budgets, ranks consume different numbers of batches.
     positions = [[epoch, batches]]
-    if dist.is_available() and dist.is_initialized():
+    if distributed:
         positions = [None] * dist.get_world_size()
         dist.all_gather_object(positions, [epoch, batches])
-    weights = sd.get_model_state_dict(model, options=opts)  # a collective under FSDP: every rank calls it
-    optim_state = sd.get_optimizer_state_dict(model, optim, options=opts)
-    ema_state = ema.state_dict() if ema is not None else None
     if rank == 0:
         telemetry.flush(step)
-        ckpt_io.save(run, step, model=weights, ema=ema_state,
-                     state={"optim": optim_state, "sched": sched.state_dict(), "epoch": epoch, "batches": batches,
-                            "positions": positions},
-                     meta={"config": cfg.to_dict(), "metrics": metrics, "kind": cfg.kind},
-                     keep=cfg.run.keep_checkpoints)
-    if dist.is_available() and dist.is_initialized():
+        ckpt_io.begin(run, step)
+    if distributed:
+        dist.barrier()  # nobody writes before rank 0 has cleared a stale folder of this step
+    ckpt_io.save_shards(run, step, _train_state(model, optim, ema))  # collective: ends when every rank wrote
+    if rank == 0:
+        ckpt_io.finish(run, step, train_state={"sched": sched.state_dict(), "epoch": epoch, "batches": batches,
+                                               "positions": positions},
+                       meta={"config": cfg.to_dict(), "metrics": metrics, "kind": cfg.kind},
+                       keep=cfg.run.keep_checkpoints)
+    if distributed:
         dist.barrier()
 
 
