@@ -18,7 +18,7 @@ demo: $(VENV)/.installed-$(EXTRAS)
 	$(VENV)/bin/flux3d demo --root $(DEMO_ROOT)
 
 test: $(VENV)/.installed-$(EXTRAS)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: $(VENV)/.installed-$(EXTRAS)
 	$(PY) benchmarks/catalog.py
