@@ -31,8 +31,10 @@ def _config(config: Path | None, root: str | None, **overrides: object) -> Confi
 
 
 def _setup_logging(verbose: bool) -> None:
+    # force: a library may have configured the root logger already (open_clip's module-level `logging.info`, called
+    # when the demo builds its CLIP, runs `basicConfig()`), which would print every later record in its format.
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
 
 
 STATE_COLUMNS = ("ok", "skipped", "rejected", "failed")

@@ -133,3 +133,14 @@ def test_shared_assets_good_ok_bad_rejected(tmp_path):
         else:
             assert row["inspect_state"] in ("failed", "rejected") and row["inspect_reason"], rel
     shutil.rmtree(root)
+
+
+def test_cli_logging_wins_over_a_library_that_configured_the_root_logger_first():
+    """open_clip calls the module-level `logging.info`, which runs `basicConfig()` (the demo builds its CLIP before
+    the flow starts): the CLI's own format and level must still apply to every later record, Prefect's included."""
+    code = ("import logging; logging.info('a library logs first'); from flux3d.cli import _setup_logging; "
+            "_setup_logging(False); logging.getLogger('prefect.flow_runs').warning('shown'); "
+            "logging.getLogger('flux3d.x').info('hidden')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    (line,) = p.stderr.splitlines()
+    assert line.endswith(" WARNING prefect.flow_runs: shown") and line[:4].isdigit()  # asctime first: our format
