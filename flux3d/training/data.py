@@ -252,12 +252,18 @@ class _SkipBatches(_EpochStage):
         for sample in src:
             n = len(sample["coords"])
             if todo and n <= budget:  # pack_to_budget drops a sample over the budget: it takes no place in a batch
-                if count and (count == self.batch_size or tokens + n > budget):
+                if _closes_batch(count, tokens, n, self.batch_size, budget):
                     todo, count, tokens = todo - 1, 0, 0  # this sample opens the next batch
                 if todo:
                     count, tokens = count + 1, tokens + n
                     sample["__skip__"] = True
             yield sample
+
+
+def _closes_batch(count: int, tokens: int, n: int, batch_size: int, token_budget: float) -> bool:
+    """Whether a sample of `n` voxels opens a new batch after `count` samples of `tokens` voxels: the one packing
+    rule of `pack_to_budget` and of a resume's seek (`_SkipBatches`), which must agree on every boundary."""
+    return count > 0 and (count == batch_size or tokens + n > token_budget)
 
 
 def _drop_skipped(src: Iterable[Sample]) -> Iterator[Sample]:
@@ -328,7 +334,7 @@ def pack_to_budget(src: Iterable[Sample], batch_size: int, token_budget: int,
                                   f"{token_budget}; set shard.max_voxels to keep such assets out")):
                 continue
             break
-        if batch and (len(batch) == batch_size or tokens + n > token_budget):
+        if _closes_batch(len(batch), tokens, n, batch_size, token_budget):
             yield collate(batch, layout)
             batch, tokens = [], 0
         batch.append(sample)
