@@ -252,9 +252,9 @@ def _run_flow(which: str, root: str | None, source: list[str] | None, config: Pa
     cfg = _config(config, root)  # validates the config before anything starts
     prepare_local_database(typer.echo)  # a new Prefect home: migrate here, not inside the server's start-up wait
     from flux3d.flows.data import data_flow
-    from flux3d.flows.pipeline import pipeline_flow
+    from flux3d.flows.pipeline import pipeline_flow, retrain_flow
 
-    fn = {"data": data_flow, "pipeline": pipeline_flow}[which]
+    fn = {"data": data_flow, "pipeline": pipeline_flow, "retrain": retrain_flow}[which]
     state = fn(root=cfg.storage.root, sources=list(source or []), config=str(config) if config else None,
                recipe=recipe, ray_address=ray_address, return_state=True)
     out = state.result()
@@ -269,7 +269,7 @@ def _run_flow(which: str, root: str | None, source: list[str] | None, config: Pa
         s = shards["stats"]
         typer.echo(f"dataset version {shards['version']}: {s['assets']['train']} train / {s['assets']['val']} val "
                    f"assets in {s['shards']['train'] + s['shards']['val']} shards at {shards['path']}")
-    if which == "pipeline" and "train" in out:
+    if which != "data" and "train" in out:
         for kind, r in out["train"].items():
             typer.echo(f"{kind}: step {r['step']}, loss {r['metrics'].get('loss', float('nan')):.4f}, {r['run']}")
         ev = out["evaluate"]
@@ -277,6 +277,9 @@ def _run_flow(which: str, root: str | None, source: list[str] | None, config: Pa
         typer.echo("evaluation: " + ", ".join(f"{k} {m[k]:.3f}" for k in ("recon_psnr", "gen_psnr", "gen_clip",
                                                                          "mv_psnr_mean") if k in m)
                    + f"; report {ev['report']}/report.md")
+    if "promotion" in out:
+        p = out["promotion"]
+        typer.echo(f"promotion gate: {'promoted' if p['promoted'] else 'kept the current model'} ({p['reason']})")
     typer.echo(f"prefect flow run {state.state_details.flow_run_id}: `flux3d dashboard` shows it with its artifacts")
     return out
 
@@ -293,6 +296,14 @@ def pipeline(source: SourceOpt = None, root: RootOpt = None, config: ConfigOpt =
              ray_address: RayOpt = None) -> None:
     """The whole chain: the data flow, then every model step there is (training, evaluation)."""
     _run_flow("pipeline", root, source, config, recipe, ray_address)
+
+
+@app.command()
+def retrain(source: SourceOpt = None, root: RootOpt = None, config: ConfigOpt = None, recipe: RecipeOpt = None,
+            ray_address: RayOpt = None) -> None:
+    """What the `retrain` deployment runs on its cron: the pipeline, then the promotion gate (models/promoted.json
+    moves only if no gated metric regressed; every decision is appended to models/promotions.jsonl)."""
+    _run_flow("retrain", root, source, config, recipe, ray_address)
 
 
 @app.command()
