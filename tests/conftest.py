@@ -1,13 +1,17 @@
 """Shared paths and fixtures of the test suite.
 
 ../shared (beside the repository) holds the real assets and weights; tests that need it skip when it is absent:
-mark them `shared_assets`, or ask for the `shared_assets` / `taef1` fixtures. `synthetic_shards` writes tiny valid
+mark them `shared_assets`, or ask for the `shared_assets` / `taef1` fixtures. `prefect_server` is one real `prefect server` for the session's flow runs. `synthetic_shards` writes tiny valid
 dataset versions without Blender (tests/datasets.py), once per set of arguments per session.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -59,3 +63,30 @@ def synthetic_shards(tmp_path_factory):
         return built[key]
 
     return make
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prefect_env(home: Path) -> dict[str, str]:
+    """The environment of a `flux3d` flow command with its own Prefect home (ephemeral API, quiet logs)."""
+    return {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "RAY_AUTH_MODE": "disabled", "PREFECT_LOGGING_LEVEL": "WARNING"}
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """An environment whose PREFECT_API_URL is one real `prefect server` (what `flux3d dashboard` starts), for the
+    session's flow runs. A process using Prefect's ephemeral API starts its own server (~7 s on 2 cores, plus
+    ~11 s of database migrations in a new Prefect home); that path is what a newcomer takes, and the pipeline
+    test checks it on its own brand-new home; the other runs use this one."""
+    from flux3d.flows.prefect_api import start_server, stop_server
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    with mock.patch.dict(os.environ, {"PREFECT_HOME": str(home)}):
+        server, api = start_server(port=free_port(), log=str(home / "server.log"))
+    yield {**prefect_env(home), "PREFECT_API_URL": api}
+    stop_server(server)

@@ -9,13 +9,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,20 +25,20 @@ from flux3d.demo import make_demo_assets, write_demo_config
 from flux3d.isolation import stop_process_group
 from flux3d.storage import TMP_MARK, Storage
 from tests.conftest import ASSETS as SHARED
+from tests.conftest import free_port, prefect_env
 
 STAGES = ("download", "inspect", "render", "score", "curate", "voxelize", "encode")
 # Whole flows with Blender renders: minutes each on 2 cores (the suite's 300 s default is for single stages).
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
+# The two long runs that other tests only read, the pipeline and the deployment's cluster run, start with the
+# module and go on in the background: a flow run keeps 2 cores under half busy (Prefect API round trips, process
+# and Ray worker start-ups), so runs side by side take far less than one after the other.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200), pytest.mark.usefixtures("pipeline_run",
+                                                                                          "cluster_run")]
 
 
-def prefect_env(home: Path) -> dict:
-    return {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "RAY_AUTH_MODE": "disabled", "PREFECT_LOGGING_LEVEL": "WARNING"}
-
-
-@pytest.fixture
-def env(tmp_path):
-    return prefect_env(tmp_path / "prefect")
+@pytest.fixture(scope="module")
+def env(prefect_server):
+    return prefect_server
 
 
 def cli(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -113,6 +114,7 @@ def test_sigkill_mid_stage_then_rerun_matches_an_uninterrupted_run(tmp_path, env
     # same assets and models, one batch of four assets per task instead of one: batching never changes an asset's
     # bytes). Not the plain stage commands: their encoder runs with every core, a Ray worker with its one CPU, and
     # float sums in another order round differently.
+    pipeline_run.output()  # it runs beside this test: wait for it
     a, b = (tree_digest(r, "shards", "features", "voxels") for r in (root, pipeline_run.root))
     assert a == b and any(k.endswith(".tar") for k in a)
     # Nothing partial under a final name: every shard reads back (the loader checks every sample).
@@ -123,54 +125,47 @@ def test_sigkill_mid_stage_then_rerun_matches_an_uninterrupted_run(tmp_path, env
     assert sum(len(b.keys) for b in make_loader(urls, batch_size=2, num_workers=0)) == 3
 
 
-@pytest.mark.shared_assets
-def test_data_flow_on_shared_assets_good_reach_shards_bad_recorded(tmp_path, env, demo):
-    if not SHARED.is_dir():
-        pytest.skip("../shared/assets absent")
-    config = write_demo_config(str(tmp_path / "run.toml"), str(demo / "models"), {"flow": {"batch_size": 8}})
-    root = str(tmp_path / "root")
-    cli(env, "data", "--root", root, "--source", f"local:{SHARED / 'good'}", "--source", f"local:{SHARED / 'bad'}",
-        "--config", config, timeout=1200)
-    table = Catalog(Storage(root)).table([*STAGES, "shard"])
-    rows = {Path(r["file_identifier"]).relative_to(SHARED).as_posix(): r for r in table.to_pylist()}
-    good = {k: r for k, r in rows.items() if k.startswith("good/")}
-    bad = {k: r for k, r in rows.items() if k.startswith("bad/")}
-    assert len(good) >= 8 and len(bad) >= 8
-    for name, r in good.items():
-        assert r["shard_state"] == "ok", (name, {s: (r[f"{s}_state"], r[f"{s}_reason"]) for s in STAGES})
-    for name, r in bad.items():
-        stopped = [s for s in STAGES if r[f"{s}_state"] not in (None, "ok")]
-        assert stopped and r[f"{stopped[0]}_reason"], (name, "a bad asset must be stopped with a reason")
-        assert r["shard_state"] is None
-    once_per_key(root)
-
-
 @dataclass
 class PipelineRun:
+    """A `flux3d pipeline` command running in the background; `output()` waits for it and returns its stdout."""
+
     root: Path
     config: str
     env: dict
-    out: str
+    proc: subprocess.Popen
+    logs: Path  # its stdout and stderr go to files: a pipe nobody reads yet could fill and stall it
+
+    def output(self, timeout: float = 1200) -> str:
+        self.proc.wait(timeout=timeout)
+        out, err = ((self.logs / name).read_text() for name in ("stdout", "stderr"))
+        assert self.proc.returncode == 0, out[-3000:] + err[-5000:]
+        return out
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, demo) -> PipelineRun:
+def pipeline_run(tmp_path_factory, demo) -> Iterator[PipelineRun]:
     """One `flux3d pipeline` run on the demo assets in a brand-new Prefect home (its database is created on this
-    run): the pipeline test checks it, the kill test compares its own data with this run's bytes."""
+    run): the pipeline test checks it, the kill test compares its own data with this run's bytes.
+
+    It starts with the module and runs in the background (see `pytestmark`); `output()` waits for it."""
     tmp = tmp_path_factory.mktemp("pipeline")
     env = {**prefect_env(tmp / "prefect"), "COLUMNS": "40"}  # a narrow terminal must keep the summary's counts
     config = write_demo_config(str(tmp / "run.toml"), str(demo / "models"))
     root = tmp / "root"
     assert not Path(env["PREFECT_HOME"]).exists()
-    out = cli(env, "pipeline", "--root", str(root), "--source", f"local:{demo / 'assets'}", "--config", config,
-              timeout=1200).stdout
-    return PipelineRun(root, config, env, out)
+    with open(tmp / "stdout", "w") as out, open(tmp / "stderr", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "flux3d.cli", "pipeline", "--root", str(root), "--source",
+                                 f"local:{demo / 'assets'}", "--config", config], env=env, stdout=out, stderr=err,
+                                start_new_session=True)
+    yield PipelineRun(root, config, env, proc, tmp)
+    if proc.poll() is None:  # a test failed before waiting for it
+        stop_process_group(proc, grace_s=5)
 
 
 def test_pipeline_trains_evaluates_and_a_rerun_redoes_nothing(pipeline_run, demo):
     """`flux3d pipeline` (the demo's main job): data flow, the decoder and SMDiT as Ray Train jobs, the evaluation
     report; a second run changes no file; the retrain flow's gate promotes the first model and records why."""
-    root, config, env, out = pipeline_run.root, pipeline_run.config, pipeline_run.env, pipeline_run.out
+    root, config, env, out = pipeline_run.root, pipeline_run.config, pipeline_run.env, pipeline_run.output()
     assert "preparing Prefect's database" in out  # a brand-new Prefect home: its database is created on this run
     rows = summary_rows(out)
     assert list(rows) == list(STAGES)
@@ -188,27 +183,21 @@ def test_pipeline_trains_evaluates_and_a_rerun_redoes_nothing(pipeline_run, demo
     report = json.loads((models / "eval" / "report.json").read_text())
     assert report["count"] == 3 and {"recon_psnr", "gen_psnr", "gen_clip", "mv_psnr_mean"} <= set(report["summary"])
     assert f"report {models}/eval/report.md" in out
+    # `flux3d retrain` (the cron deployment's run): the pipeline again, then the promotion gate. Trained and
+    # evaluated already: nothing is redone, and the gate promotes the first model and records why.
+    gate_files = {"models/promoted.json", "models/promotions.jsonl"}
     before = tree_digest(root, "models", "shards")
-    out = cli(env, "pipeline", "--root", str(root), "--source", f"local:{demo / 'assets'}", "--config", config).stdout
-    assert tree_digest(root, "models", "shards") == before  # trained and evaluated already: nothing redone
+    out = cli(env, "retrain", "--root", str(root), "--source", f"local:{demo / 'assets'}", "--config", config).stdout
+    after = tree_digest(root, "models", "shards")
+    assert {k: v for k, v in after.items() if k not in gate_files} == before and gate_files <= set(after)
     assert "preparing Prefect's database" not in out  # once per Prefect home
     rows = summary_rows(out)
     assert list(rows) == list(STAGES) and all(r[:5] == ["0"] * 5 for r in rows.values()), rows  # nothing to do
-
-    code = ("from flux3d.flows.pipeline import retrain_flow; import sys; "
-            "retrain_flow(root=sys.argv[1], sources=[], config=sys.argv[2])")
-    subprocess.run([sys.executable, "-c", code, str(root), config], env=env, check=True, capture_output=True,
-                   timeout=600)
+    assert "promotion gate: promoted (first model: nothing to compare against)" in out
     promoted = json.loads((root / "models" / "promoted.json").read_text())
     assert promoted["model"] == str(models) and promoted["metrics"]["psnr"] == report["metrics"]["psnr"]
     (decision,) = [json.loads(line) for line in (root / "models" / "promotions.jsonl").read_text().splitlines()]
     assert decision["promoted"] and decision["reason"] == "first model: nothing to compare against"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_ray_cluster(env: dict, port: int, temp_dir: str) -> subprocess.Popen:
@@ -228,28 +217,41 @@ def start_ray_cluster(env: dict, port: int, temp_dir: str) -> subprocess.Popen:
     return proc
 
 
-def test_deployment_with_cron_runs_on_a_ray_cluster_joined_by_address(tmp_path, env, demo):
-    """`flux3d dashboard`'s server, `flux3d deploy` serving the deployments, and a data run triggered through
-    the API, executed against a Ray cluster started with `ray start` (the cluster path: address mode)."""
-    from flux3d.flows.prefect_api import start_server, stop_server
+@dataclass
+class ClusterRun:
+    """A data run triggered through the API of `flux3d deploy`'s deployments, on a `ray start` cluster."""
 
-    config = write_demo_config(str(tmp_path / "run.toml"), str(demo / "models"))
-    root = str(tmp_path / "root")
+    root: str
+    ray_port: int
+    deployments: dict
+    run: Any  # the triggered flow run
+
+
+@pytest.fixture(scope="module")
+def cluster_run(tmp_path_factory, env, demo) -> Iterator[ClusterRun]:
+    """`flux3d deploy` serving the deployments against the module's Prefect server, and a data run triggered
+    through the API, executed on a Ray cluster started with `ray start` (the cluster path: address mode). The run
+    goes on in the background while the module's other tests run; its test waits for it.
+
+    Its sources are the real assets of ../shared when it is there (the demo assets otherwise): every good asset
+    must reach the shards and every bad one be stopped with a reason, as a cluster run sees them."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    tmp = tmp_path_factory.mktemp("cluster")
+    sources = ([f"local:{SHARED / 'good'}", f"local:{SHARED / 'bad'}"] if SHARED.is_dir()
+               else [f"local:{demo / 'assets'}"])
+    config = write_demo_config(str(tmp / "run.toml"), str(demo / "models"), {"flow": {"batch_size": 8}})
+    root = str(tmp / "root")
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-    ray_port = _free_port()
+    ray_port = free_port()
     cluster = start_ray_cluster(env, ray_port, ray_tmp)
-    os.environ["PREFECT_HOME"] = env["PREFECT_HOME"]
-    server, api = start_server(port=_free_port())
-    env = {**env, "PREFECT_API_URL": api}
-    serving = subprocess.Popen([sys.executable, "-m", "flux3d.cli", "deploy", "--root", root, "--source",
-                                f"local:{demo / 'assets'}", "--config", config, "--ray-address",
-                                f"127.0.0.1:{ray_port}", "--cron", "0 4 * * 1"], env=env,
+    serving = subprocess.Popen([sys.executable, "-m", "flux3d.cli", "deploy", "--root", root,
+                                *(a for spec in sources for a in ("--source", spec)), "--config", config,
+                                "--ray-address", f"127.0.0.1:{ray_port}", "--cron", "0 4 * * 1"], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        from prefect.client.orchestration import get_client
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
             deadline = time.monotonic() + 120
             while True:
                 names = {d.name: d for d in client.read_deployments()}
@@ -258,32 +260,60 @@ def test_deployment_with_cron_runs_on_a_ray_cluster_joined_by_address(tmp_path, 
                 assert serving.poll() is None, serving.stderr.read().decode()[-3000:]
                 assert time.monotonic() < deadline, "deployments not registered"
                 time.sleep(1)
-            retrain = names["retrain"]
-            assert [s.schedule.cron for s in retrain.schedules] == ["0 4 * * 1"] and retrain.schedules[0].active
-            assert not names["data"].schedules
-            assert retrain.parameters["ray_address"] == f"127.0.0.1:{ray_port}"
-
             run = client.create_flow_run_from_deployment(names["data"].id)
-            deadline = time.monotonic() + 600
-            while not (state := client.read_flow_run(run.id).state).is_final():
-                assert time.monotonic() < deadline, "the triggered run did not finish"
-                time.sleep(2)
-            assert state.is_completed(), state.message
-            artifacts = {a.key for a in client.read_artifacts() if a.key}
-        assert {"render-counts", "render-summary", "curation-report", "shards"} <= artifacts
-        version = Path(root, "shards", "LATEST").read_text()
-        assert Path(root, "shards", version, "stats.json").is_file()
-        once_per_key(root)
-        import ray
-
-        ray.init(address=f"127.0.0.1:{ray_port}", logging_level="WARNING")
-        try:  # the flow's driver joined this cluster (it is in the cluster's job table beside this test)
-            assert len(ray._private.state.jobs()) >= 2
-        finally:
-            ray.shutdown()
-    finally:
-        os.killpg(serving.pid, signal.SIGTERM)
-        serving.wait(timeout=60)
-        stop_server(server)
-        stop_process_group(cluster)  # its own process group only: no machine-wide Ray shutdown
+        yield ClusterRun(root, ray_port, names, run)
+    finally:  # their own process groups only: no machine-wide Ray shutdown. Nothing of theirs is read after this,
+        # so a short grace: a Ray node's processes can take a minute to go on SIGTERM alone.
+        stop_process_group(serving, grace_s=10)
+        stop_process_group(cluster, grace_s=5)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_deployment_with_cron_runs_on_a_ray_cluster_joined_by_address(cluster_run, env):
+    """The deployments (the retrain one on its cron, with the cluster's address) and the triggered data run: it
+    completes on the cluster, publishes its artifacts, and builds a dataset version."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    root, ray_port, names = cluster_run.root, cluster_run.ray_port, cluster_run.deployments
+    retrain = names["retrain"]
+    assert [s.schedule.cron for s in retrain.schedules] == ["0 4 * * 1"] and retrain.schedules[0].active
+    assert not names["data"].schedules
+    assert retrain.parameters["ray_address"] == f"127.0.0.1:{ray_port}"
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 900
+        while not (state := client.read_flow_run(cluster_run.run.id).state).is_final():
+            assert time.monotonic() < deadline, "the triggered run did not finish"
+            time.sleep(2)
+        assert state.is_completed(), state.message
+        # The server is the module's: only artifacts made since this run was created are this run's.
+        artifacts = {a.key for a in client.read_artifacts() if a.key and a.created >= cluster_run.run.created}
+    assert {"render-counts", "render-summary", "curation-report", "shards"} <= artifacts
+    version = Path(root, "shards", "LATEST").read_text()
+    assert Path(root, "shards", version, "stats.json").is_file()
+    once_per_key(root)
+    if SHARED.is_dir():
+        good_reach_shards_bad_recorded(root)
+    import ray
+
+    ray.init(address=f"127.0.0.1:{ray_port}", logging_level="WARNING")
+    try:  # the flow's driver joined this cluster (it is in the cluster's job table beside this test)
+        assert len(ray._private.state.jobs()) >= 2
+    finally:
+        ray.shutdown()
+
+
+def good_reach_shards_bad_recorded(root: str) -> None:
+    """../shared/assets run through the data flow: every good asset is in the shards, every bad one was stopped
+    by some stage with a reason and is not."""
+    table = Catalog(Storage(root)).table([*STAGES, "shard"])
+    rows = {Path(r["file_identifier"]).relative_to(SHARED).as_posix(): r for r in table.to_pylist()}
+    good = {k: r for k, r in rows.items() if k.startswith("good/")}
+    bad = {k: r for k, r in rows.items() if k.startswith("bad/")}
+    assert len(good) >= 8 and len(bad) >= 8
+    for name, r in good.items():
+        assert r["shard_state"] == "ok", (name, {s: (r[f"{s}_state"], r[f"{s}_reason"]) for s in STAGES})
+    for name, r in bad.items():
+        stopped = [s for s in STAGES if r[f"{s}_state"] not in (None, "ok")]
+        assert stopped and r[f"{stopped[0]}_reason"], (name, "a bad asset must be stopped with a reason")
+        assert r["shard_state"] is None

@@ -134,29 +134,25 @@ def test_published_scores_reproduce_the_lists_threshold_decisions(tmp_path):
 
 ARTIFACT_SCRIPT = """
 import json, sys
-from flux3d.flows.prefect_api import prepare_local_database
-prepare_local_database()  # a new Prefect home, as every flux3d entry point does before Prefect starts
 from prefect import flow
 from prefect.client.orchestration import get_client
 from flux3d.flows.artifacts import publish_reproduction
 
 report = json.loads(sys.argv[1])
-flow(name="t")(lambda: publish_reproduction(report))()
+run = flow(name="t")(lambda: publish_reproduction(report))(return_state=True).state_details.flow_run_id
 with get_client(sync_client=True) as client:
-    print(json.dumps([a.data for a in client.read_artifacts() if a.key == "reproduction"]))
+    print(json.dumps([a.data for a in client.read_artifacts() if a.key == "reproduction" and a.flow_run_id == run]))
 """
 
 
 @pytest.mark.integration
-def test_reproduction_report_is_a_prefect_artifact(tmp_path):
-    """The data flow's artifact, published through Prefect's real (ephemeral) API and read back from it."""
+def test_reproduction_report_is_a_prefect_artifact(prefect_server):
+    """The data flow's artifact, published through a real Prefect server's API and read back from it."""
     report = {"lists": {"ABO": {**dict.fromkeys(COLUMNS, 2), "kept": 1, "trellis_published": 4_485}},
               "training_total": {**dict.fromkeys(COLUMNS, 2), "kept": 1, "trellis_published": 500_777},
               "paper_curated": 360_000}
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_LOGGING_LEVEL": "WARNING"}
-    p = subprocess.run([sys.executable, "-c", ARTIFACT_SCRIPT, json.dumps(report)], env=env, capture_output=True,
-                       text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-c", ARTIFACT_SCRIPT, json.dumps(report)], env=prefect_server,
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     (markdown,) = json.loads(p.stdout.strip().splitlines()[-1])
     assert "| ABO | 2 | 2 | 2 | 2 | 2 | 2 | 1 | 4,485 |" in markdown and "this run keeps 1" in markdown
