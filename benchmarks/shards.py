@@ -14,6 +14,12 @@ write MB/s through `ShardSet.write` into a temporary folder (page cache, no fsyn
 not a disk's; shards of `--max-mb` or less, so that every loader worker gets at least two); total bytes and bytes per asset by field from `finish`'s stats.json; loader samples/s and voxels/s
 through `make_loader` (batch 8, one view and one conditioning image decoded per sample) with `--workers` worker
 processes and with none, timed over `--epochs` epochs after a warm-up batch.
+
+Reads (`--reads`, issue: bytes read at most 2x the bytes a step uses): for the decoder's step (mu, sigma, one view)
+and the SMDiT's (mu, one conditioning view), each reader (`ranges`: member tables and byte ranges; `stream`:
+whole tars) and each root (a local folder; `memory://`, an fsspec object store in this process), one epoch with no
+worker processes through a filesystem that counts the bytes its reads return: bytes read per sample against the
+bytes of the members the step uses, and samples/s.
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 
 from flux3d.config.pipeline import Config
 from flux3d.pipeline.shard import finish
@@ -35,7 +44,8 @@ from flux3d.shards.format import decode_image, encode_image, encode_sample
 from flux3d.shards.writer import Item, ShardSet, Sums, tar_bytes
 from flux3d.stages.cameras import intrinsics, view_set_cameras, w2c_opencv
 from flux3d.storage import Storage
-from flux3d.training.data import make_loader, shard_urls
+from flux3d.training.data import make_dataset, make_loader, shard_urls
+from flux3d.training.samples import Want
 
 # benchmarks/ is not a package; load the sibling script by path so this works however it is started.
 _spec = importlib.util.spec_from_file_location("benchmark_encode", Path(__file__).with_name("encode.py"))
@@ -109,6 +119,98 @@ def loader_rate(urls: list[str], workers: int, a: argparse.Namespace) -> tuple[f
     return first, samples / s, voxels / s
 
 
+class _CountedFile:
+    """An fsspec file whose reads add to its filesystem's byte count."""
+
+    def __init__(self, f, fs) -> None:  # noqa: ANN001 - any fsspec file and filesystem
+        self._f, self._fs = f, fs
+
+    def read(self, *args):  # noqa: ANN002, ANN201
+        data = self._f.read(*args)
+        type(self._fs).bytes_read += len(data)
+        return data
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._f, name)
+
+    def __enter__(self) -> _CountedFile:
+        return self
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        self._f.close()
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self._f)
+
+
+class _Counting:
+    """Counts the bytes read through `_open`; `cat_file` goes through `_open` too, so each byte counts once."""
+
+    bytes_read = 0
+
+    def _open(self, path, mode="rb", **kw):  # noqa: ANN001, ANN003, ANN202
+        return _CountedFile(super()._open(path, mode, **kw), self)
+
+    def cat_file(self, path, start=None, end=None, **kw):  # noqa: ANN001, ANN003, ANN201
+        with self._open(self._strip_protocol(path), "rb") as f:
+            f.seek(start or 0)
+            return f.read(-1 if end is None else end - (start or 0))
+
+
+class CountingLocal(_Counting, LocalFileSystem):
+    protocol = "countfile"
+
+
+class CountingMemory(_Counting, MemoryFileSystem):
+    protocol = "countmem"
+    store: dict = {}  # its own store: MemoryFileSystem's is shared by every subclass
+    pseudo_dirs = [""]
+
+
+fsspec.register_implementation("countfile", CountingLocal, clobber=True)
+fsspec.register_implementation("countmem", CountingMemory, clobber=True)
+
+
+def used_bytes(sample: dict, want: Want, view_index: list[int], cond_index: int | None) -> int:
+    """Bytes of the members a step uses: coords, mu, cameras, sigma (decoder), its views, its conditioning view."""
+    names = ["coords.npy", "mu.npy", "cameras.json", *(["sigma.npy"] if want.sigma else []),
+             *(f"view_{i:03d}.webp" for i in view_index), *([] if cond_index is None else [f"cond_{cond_index:03d}.webp"])]
+    return sum(len(sample[n]) for n in names)
+
+
+def read_cost(urls: list[str], items: dict[str, dict], want: Want, read: str) -> tuple[float, float, float]:
+    """(bytes read per sample, bytes used per sample, samples/s) of one epoch, no worker processes."""
+    counter = CountingLocal if urls[0].startswith("countfile") else CountingMemory
+    counter.bytes_read = 0
+    used = samples = 0
+    t0 = time.perf_counter()
+    for batch in make_dataset(urls, batch_size=8, shuffle_buffer=1, read=read, views_per_sample=want.views,
+                              sigma=want.sigma, cond=want.cond):
+        for b, key in enumerate(batch.keys):
+            cond = None if batch.cond_index is None else int(batch.cond_index[b])
+            used += used_bytes(items[key], want, batch.view_index[b].tolist(), cond)
+        samples += len(batch.keys)
+    s = time.perf_counter() - t0
+    return counter.bytes_read / samples, used / samples, samples / s
+
+
+def print_reads(version_dir: Path, items: list[Item]) -> None:
+    by_key = {it.sample["__key__"]: it.sample for it in items}
+    memory = "countmem://benchmark"
+    for path in version_dir.rglob("*"):
+        if path.is_file():
+            fsspec.filesystem("countmem").pipe(f"{memory}/{path.relative_to(version_dir)}", path.read_bytes())
+    steps = {"decoder": Want(views=1, sigma=True, cond=False), "smdit": Want(views=0, sigma=False, cond=True)}
+    print("reads per sample (one epoch, no workers): read / used by the step")
+    for root in (f"countfile://{version_dir}", memory):
+        urls = shard_urls(root, "train")
+        for step, want in steps.items():
+            for read in ("ranges", "stream"):
+                got, used, rate = read_cost(urls, by_key, want, read)
+                print(f"  {root.split(':')[0]:<9} {step:<7} {read:<6}: {got / 2 ** 10:8,.0f} KiB read, "
+                      f"{used / 2 ** 10:7,.0f} KiB used = {got / used:5.2f}x, {rate:6.1f} samples/s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     for name in DEFAULTS:
@@ -119,6 +221,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--shuffle-buffer", type=int, default=16)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--reads", action="store_true", help="also bytes read vs used per sample, both readers")
     a = ap.parse_args()
     for name, value in (QUICK if a.quick else DEFAULTS).items():
         if getattr(a, name) is None:
@@ -150,6 +253,8 @@ def main() -> None:
         print(f"bytes per asset: {sum(per.values()) / 2 ** 10:,.0f} KiB =  " + "  ".join(
             f"{k} {v / 2 ** 10:,.0f} ({100 * v / sum(per.values()):.0f} %)"
             for k, v in sorted(per.items(), key=lambda kv: -kv[1])))
+        if a.reads:
+            print_reads(Path(tmp, "shards", "benchmark"), items)
         urls = shard_urls(str(Path(tmp, "shards", "benchmark")), "train")
         for workers in dict.fromkeys((a.workers, 0)):  # --workers 0 measures once
             first, rate, vrate = loader_rate(urls, workers, a)

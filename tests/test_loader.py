@@ -5,6 +5,7 @@ reproducible per seed, resampled epochs have the requested size across workers, 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import webdataset as wds
 
 from flux3d.models.sparse import SparseBatch
 from flux3d.shards.format import encode_image, encode_sample
+from flux3d.shards.writer import member_ranges, tar_bytes
 from flux3d.training.data import Batch, make_dataset, make_loader, shard_urls
 
 RES, COND_RES, VIEWS, CONDS = 32, 16, 3, 2
@@ -65,10 +67,19 @@ def _asset(i: int, latents: bool = False) -> Asset:
         cond_latents=rng.standard_normal((CONDS, 16, 4, 4)).astype(np.float16) if latents else None)
 
 
-def _write_shard(path: Path, samples: list[dict]) -> None:
+def _write_shard(path: Path, samples: list[dict], member_table: bool = True) -> None:
+    """A tar of `samples` and, as `flux3d shard` writes it, its member table (`parts/<shard>.json`), which the
+    default reader (`read="ranges"`) reads from; without one that reader streams the shard."""
     with wds.TarWriter(str(path), mtime=0) as writer:
         for sample in samples:
             writer.write(sample)
+    if member_table:
+        rows, offset = [], 0
+        for sample in samples:
+            rows.append({"key": sample["__key__"], "members": member_ranges(sample, offset)})
+            offset += tar_bytes(sample)
+        (path.parent / "parts").mkdir(exist_ok=True)
+        (path.parent / "parts" / f"{path.stem}.json").write_text(json.dumps({"rows": rows}))
 
 
 def _write_index(version_dir: Path, rows: list[tuple[str, str, str, int]]) -> None:
@@ -155,14 +166,15 @@ def test_shard_urls_lists_one_split(dataset):
         shard_urls(str(dataset.dir), "test")
 
 
-def test_fsspec_urls_are_read_through_fsspec(dataset):
+@pytest.mark.parametrize("read", ["ranges", "stream"])
+def test_fsspec_urls_are_read_through_fsspec(dataset, read):
     fs, base = fsspec.filesystem("memory"), "memory://flux3d-test/shards/v1"
     try:
-        for name in ("index.parquet", "val-000000.tar"):
+        for name in ("index.parquet", "val-000000.tar", "parts/val-000000.json"):
             fs.pipe(f"{base}/{name}", (dataset.dir / name).read_bytes())
         urls = shard_urls(base, "val")
         assert urls == [f"{base}/val-000000.tar"]
-        batches = list(make_dataset(urls, batch_size=4))
+        batches = list(make_dataset(urls, batch_size=4, read=read))
         assert sorted(_keys(batches)) == dataset.val_keys
         _check(batches[0], dataset.assets)
     finally:

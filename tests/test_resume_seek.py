@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from flux3d.training import data
+from flux3d.training import data, samples
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,8 @@ def test_the_seek_replays_the_stream_without_decoding_what_it_skips(seek_ds, mon
     # "two": a budget that the two largest assets together pass, so batches close on tokens as well as counts
     kw = {k: voxels[-1] + voxels[-2] - 1 if v == "two" else v for k, v in batching.items()}
     decoded: list[int] = []
-    real = data.decode_image
-    monkeypatch.setattr(data, "decode_image", lambda b: decoded.append(1) or real(b))
+    real = samples.decode_image
+    monkeypatch.setattr(samples, "decode_image", lambda b: decoded.append(1) or real(b))
     straight = _keys(seek_ds, start_epoch=1, **kw)
     assert len(straight[0]) >= 3
     per_sample = len(decoded) / sum(len(k) for k in straight[0] + straight[1])  # supervision view (+ cond image)

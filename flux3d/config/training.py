@@ -39,6 +39,10 @@ class DataConfig:
     """Decoder targets: random black or white per sample (TRELLIS), so the model cannot bake a background in."""
     epoch_samples: int = 0
     """Samples per loader epoch per worker; 0 = the split's asset count (from index.parquet)."""
+    read: Literal["ranges", "stream"] = "ranges"
+    """ranges: read only the shard members a step uses, by byte range from each shard's member table (bytes read
+    within a few percent of bytes used, local or object store); stream: read whole shards (~3.5x what a decoder
+    step uses, ~6x an SMDiT step). Both give the same batches (docs/shards.md)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.workers < 0 or self.views_per_sample < 1 or self.epoch_samples < 0:

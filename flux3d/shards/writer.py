@@ -4,7 +4,8 @@ Layout under `shards/<version>/`:
 
     train-000000.tar ...     samples in sha256 order (the loader shuffles shards and samples)
     val-000000.tar ...
-    parts/train-000000.json  what one finished shard holds: its rows and its feature-statistics sums
+    parts/train-000000.json  what one finished shard holds: its rows (with each member's byte range in the tar)
+                             and its feature-statistics sums
     index.parquet            all parts' rows: key, shard, split, num_voxels, bytes, source, license
     stats.json               per-channel statistics and totals; written last, so it marks the version complete
 
@@ -33,6 +34,22 @@ PART_RE = re.compile(r"^(train|val)-(\d{6})\.json$")  # parts/<split>-<index>.js
 def tar_bytes(sample: dict[str, Any]) -> int:
     """Bytes a sample adds to a tar: one header block per field plus the data padded to whole blocks."""
     return sum(TAR_BLOCK + -(-len(v) // TAR_BLOCK) * TAR_BLOCK for k, v in sample.items() if not k.startswith("_"))
+
+
+def member_ranges(sample: dict[str, Any], start: int) -> dict[str, list[int]]:
+    """Where each field's data lies in the tar, {field: [offset, size]}, for a sample whose first header is at
+    byte `start`: what lets the loader read only the members a step uses (HTTP/object-store range reads).
+    It follows webdataset's TarWriter: fields in sorted order, each one 512-byte header and then its data padded to
+    whole blocks. That holds while a member's name fits the header's 100 bytes (longer ones get extension
+    headers); sample keys are sha256s, so names are ~80 bytes, and a longer one is refused here, not mis-indexed."""
+    out, pos = {}, start
+    for k in sorted(k for k in sample if not k.startswith("_")):
+        if len(f"{sample['__key__']}.{k}") > 100:
+            raise ValueError(f"tar member name {sample['__key__']}.{k} is longer than 100 bytes")
+        size = len(sample[k])
+        out[k] = [pos + TAR_BLOCK, size]
+        pos += TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+    return out
 
 
 @dataclass
@@ -106,8 +123,9 @@ class ShardSet:
                     tw = wds.TarWriter(open_cm.__enter__(), user="flux3d", group="flux3d", mtime=0, encoder=False)
                     size, rows, sums = 0, [], Sums()
                 tw.write(item.sample)
+                rows.append({**item.row, "shard": f"{split}-{index:06d}.tar", "bytes": need,
+                             "members": member_ranges(item.sample, size)})
                 size += need
-                rows.append({**item.row, "shard": f"{split}-{index:06d}.tar", "bytes": need})
                 sums.add(item.sums)
             if tw is not None:
                 yield self._close(open_cm, tw, split, index, rows, sums)

@@ -3,10 +3,12 @@
 Stages, one copy per DataLoader worker:
 
     shard URLs -> ResampledShards (resampled) | per-epoch shuffled list, split by node then by worker
-      -> open (fsspec) -> tar members -> samples -> decode_sample, pick the views (drop the other images)
+      -> read="ranges": each shard's member table, then per sample only the members its pick needs (fsspec ranges)
+         read="stream": the whole tar (fsspec) -> tar members -> samples -> pick the views (drop the rest)
       -> shuffle buffer -> decode + composite the picked images -> [epoch share] -> batch -> `Batch`
 
-Views are picked before the shuffle buffer so the buffer holds one sample's arrays plus a few compressed images,
+The two readers (`training.samples`) give the same samples in the same order. Views are picked before the
+shuffle buffer so the buffer holds one sample's arrays plus a few compressed images,
 not every view of every asset; images are decoded after it so decoded floats are never buffered.
 
 Randomness is a function of `seed`, the epoch and (for shard and buffer order) the node and worker, never of the
@@ -25,7 +27,7 @@ import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -33,17 +35,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import pytorch_worker_info
 
-from flux3d.features.vae import over_background
 from flux3d.models.sparse import SparseBatch
-from flux3d.shards.format import LATENT_CHANNELS, decode_image, decode_sample
+from flux3d.training.samples import (Background, EpochStage, PickViews, Read, ReadRanges, Sample, Want,
+                                     decode_images, stream_samples)
 
 log = logging.getLogger(__name__)
 
-Background = Literal["random", "white", "black"]
-Sample = dict[str, Any]
 # (coords (M, 4), offsets (B + 1,)) -> the model's per-batch layout, e.g. models.smdit.smdit_layout.
 LayoutFn = Callable[[torch.Tensor, torch.Tensor], Any]
 
@@ -75,8 +74,8 @@ class Batch:
 
     keys        list[str] (B)           asset sha256
     voxels      SparseBatch             coords (M, 4) int32 [b, x, y, z]; feats (M, 16) float32 = mu; offsets (B+1,)
-    sigma       (M, 16) float32         latent std, rows as voxels.feats
-    images      (B, V, 3, H, W) float32 supervision views in [0, 1], composited onto `background`
+    sigma       (M, 16) float32 | None  latent std, rows as voxels.feats (None when the step does not use it)
+    images      (B, V, 3, H, W) float32 supervision views (V = 0 when the step uses none) in [0, 1], composited onto `background`
     background  (B, 3) float32          0 (black) or 1 (white) per sample
     K           (B, V, 3, 3) float32    pixel intrinsics of each view at H x W (OpenCV)
     w2c         (B, V, 4, 4) float32    world-to-camera (OpenCV)
@@ -90,7 +89,7 @@ class Batch:
 
     keys: list[str]
     voxels: SparseBatch
-    sigma: torch.Tensor
+    sigma: torch.Tensor | None
     images: torch.Tensor
     background: torch.Tensor
     K: torch.Tensor
@@ -114,22 +113,7 @@ class Batch:
         return self._map(lambda t: t.pin_memory())
 
 
-class _EpochStage(wds.PipelineStage):
-    """A stage that counts its runs: a pipeline copy runs each stage once per epoch."""
-
-    def __init__(self, seed: int, start_epoch: int = 0) -> None:
-        self.seed = seed
-        self.epoch = start_epoch - 1
-
-    def run(self, *src: Iterable[Any]) -> Iterator[Any]:
-        self.epoch += 1
-        return self.stage(*src)
-
-    def stage(self, *src: Iterable[Any]) -> Iterator[Any]:
-        raise NotImplementedError
-
-
-class _ShardOrder(_EpochStage):
+class _ShardOrder(EpochStage):
     """All shards in a per-epoch order that every node and worker agree on, so the node and worker splits that
     follow partition it (each shard read exactly once per epoch)."""
 
@@ -143,77 +127,7 @@ class _ShardOrder(_EpochStage):
         return ({"url": url} for url in urls)
 
 
-def _open_shards(src: Iterable[Sample], handler: Callable[[Exception], bool]) -> Iterator[Sample]:
-    # webdataset's own opener (gopen) knows local files and a few CLI-backed schemes (curl, gsutil, ais); fsspec
-    # covers local paths, file://, s3://, gs://, hf://, ... in one code path with the same URLs as the index.
-    for shard in src:
-        url = shard["url"]
-        try:
-            stream = fsspec.open(url, "rb").open()
-        except Exception as exn:  # noqa: BLE001 - any filesystem's failure; the handler decides
-            if handler(ValueError(f"cannot open shard {url}: {exn!r}")):
-                continue
-            break
-        try:
-            yield {**shard, "stream": stream}
-        finally:
-            stream.close()  # resumed only after the tar reader has consumed the whole stream
-
-
-def _rgb(rgba: np.ndarray, background: float) -> torch.Tensor:
-    """(3, H, W) float32 in [0, 1]: straight-alpha RGBA over a uniform background."""
-    return torch.from_numpy(over_background(rgba, background))
-
-
-class _PickViews(_EpochStage):
-    """decode_sample, validate, and choose this epoch's views, background and conditioning view."""
-
-    def __init__(self, seed: int, start_epoch: int, views_per_sample: int, background: Background, cond: bool,
-                 handler: Callable[[Exception], bool]) -> None:
-        super().__init__(seed, start_epoch)
-        self.views_per_sample, self.background, self.cond, self.handler = views_per_sample, background, cond, handler
-
-    def stage(self, src: Iterable[Sample]) -> Iterator[Sample]:
-        for raw in src:
-            try:
-                sample = self.pick(raw)
-            except Exception as exn:  # noqa: BLE001 - whatever a corrupt sample raises, the handler decides
-                if self.handler(ValueError(f"sample {raw.get('__key__')} in {raw.get('__url__')}: {exn!r}")):
-                    continue
-                break
-            yield sample
-
-    def pick(self, raw: Sample) -> Sample:
-        s = decode_sample(raw)
-        coords, mu, sigma, views = s["coords"], s["mu"], s["sigma"], s["views"]
-        if coords.dtype != np.uint8 or coords.ndim != 2 or coords.shape[1] != 3:
-            raise ValueError(f"coords are {coords.dtype} {coords.shape}, not uint8 (N, 3)")
-        if mu.shape != (len(coords), LATENT_CHANNELS) or sigma.shape != mu.shape:
-            raise ValueError(f"mu {mu.shape} / sigma {sigma.shape} do not match {len(coords)} voxels")
-        cameras = s["cameras"]["views"]
-        if len(cameras) != len(views) or len(views) < self.views_per_sample:
-            raise ValueError(f"{len(views)} views, {len(cameras)} cameras, {self.views_per_sample} needed")
-        # Keyed by asset, not by stream position: the same choice whatever the worker count or shard order.
-        rng = random.Random(f"{self.seed}:{self.epoch}:{s['key']}")
-        index = rng.sample(range(len(views)), self.views_per_sample)
-        background = float(rng.random() < 0.5) if self.background == "random" else float(self.background == "white")
-        out: Sample = {
-            "__key__": s["key"], "coords": coords, "mu": mu, "sigma": sigma, "background": background,
-            "views": [views[i] for i in index], "view_index": index,
-            "K": np.asarray([cameras[i]["K"] for i in index], np.float32).reshape(-1, 3, 3),
-            "w2c": np.asarray([cameras[i]["w2c"] for i in index], np.float32).reshape(-1, 4, 4),
-            "resolution": s["cameras"].get("resolution"), "cond": None, "cond_index": None,
-        }
-        if self.cond:
-            options = s["cond_latents"] if s["cond_latents"] is not None else s["cond_images"]
-            if len(options) == 0:
-                raise ValueError("no conditioning views or latents")
-            out["cond_index"] = rng.randrange(len(options))
-            out["cond"] = options[out["cond_index"]]
-        return out
-
-
-class _Shuffle(_EpochStage):
+class _Shuffle(EpochStage):
     """A sample shuffle buffer seeded per (seed, epoch, node, worker)."""
 
     def __init__(self, seed: int, start_epoch: int, bufsize: int) -> None:
@@ -228,7 +142,7 @@ class _Shuffle(_EpochStage):
         return wds.shuffle(self.bufsize, initial=min(self.bufsize, 100), rng=rng)(src)
 
 
-class _SkipBatches(_EpochStage):
+class _SkipBatches(EpochStage):
     """A resume's seek: in `start_epoch`, mark the samples of this worker's first batches so that `_decode_images`
     and `collate` pass them over and `_drop_skipped` drops them after the epoch share has counted them.
 
@@ -270,25 +184,6 @@ def _drop_skipped(src: Iterable[Sample]) -> Iterator[Sample]:
     return (sample for sample in src if not sample.get("__skip__"))
 
 
-def _decode_images(sample: Sample) -> Sample:
-    if sample.get("__skip__"):
-        return sample  # a resume's seek passes over it (_SkipBatches)
-    try:
-        images = [_rgb(decode_image(data), sample["background"]) for data in sample.pop("views")]
-        res = sample["resolution"]
-        if res is not None and any(tuple(im.shape[1:]) != (res, res) for im in images):
-            raise ValueError(f"view sizes {[tuple(im.shape[1:]) for im in images]}, cameras say {res}")
-        sample["images"] = torch.stack(images)
-        cond = sample["cond"]
-        if isinstance(cond, bytes):
-            sample["cond"] = _rgb(decode_image(cond), sample["background"])
-        elif cond is not None:
-            sample["cond"] = torch.from_numpy(cond.astype(np.float32))
-    except Exception as exn:
-        raise ValueError(f"sample {sample['__key__']}: {exn!r}") from exn
-    return sample
-
-
 def _worker_share(src: Iterable[Sample], total: int) -> Iterator[Sample]:
     # This worker's part of an epoch of `total` samples, so the loader yields exactly `total` whatever the
     # worker count. (DataPipeline.with_epoch(n) would count per pipeline copy, i.e. n per worker, and count
@@ -305,7 +200,8 @@ def collate(samples: list[Sample], layout: LayoutFn | None = None) -> Batch:
     return Batch(
         keys=[s["__key__"] for s in samples],
         voxels=voxels,
-        sigma=torch.from_numpy(np.concatenate([s["sigma"] for s in samples]).astype(np.float32)),
+        sigma=None if samples[0]["sigma"] is None else torch.from_numpy(
+            np.concatenate([s["sigma"] for s in samples]).astype(np.float32)),
         images=torch.stack([s["images"] for s in samples]),
         background=torch.tensor([[s["background"]] * 3 for s in samples], dtype=torch.float32),
         K=torch.from_numpy(np.stack([s["K"] for s in samples])),
@@ -347,7 +243,7 @@ def make_dataset(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: 
                  seed: int = 0, background: Background = "random", cond: bool = True, views_per_sample: int = 1,
                  epoch_samples: int | None = None, start_epoch: int = 0, token_budget: int = 0,
                  skip_batches: int = 0, handler: Callable[[Exception], bool] = skip_bad_sample,
-                 layout: LayoutFn | None = None) -> wds.DataPipeline:
+                 layout: LayoutFn | None = None, sigma: bool = True, read: Read = "ranges") -> wds.DataPipeline:
     """An iterable of `Batch`es over the shards at `urls` (local paths or fsspec URLs; see `shard_urls`).
 
     resampled=False: each epoch reads every shard once, split across nodes (RANK/WORLD_SIZE or torch.distributed)
@@ -364,15 +260,22 @@ def make_dataset(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: 
     their images (`_SkipBatches`): a resumed run's stream then equals the uninterrupted run's from that batch on.
     Bad samples and shards are passed to `handler` (default: log and skip).
     layout: builds `Batch.layout` from each batch's voxels in the workers (a model's layout function).
+    views_per_sample, sigma, cond: what the step uses (0 views: none); read="ranges" reads only that
+    (`training.samples`), read="stream" every byte of every shard; both give the same batches.
     """
     url_list = [urls] if isinstance(urls, str) else list(urls)
     if not url_list:
         raise ValueError("no shard URLs")
     if background not in ("random", "white", "black"):
         raise ValueError(f"background must be random, white or black, not {background!r}")
-    if batch_size < 1 or views_per_sample < 1 or token_budget < 0 or skip_batches < 0:
-        raise ValueError(f"batch_size ({batch_size}) and views_per_sample ({views_per_sample}) must be >= 1, "
+    if batch_size < 1 or views_per_sample < 0 or token_budget < 0 or skip_batches < 0:
+        raise ValueError(f"batch_size ({batch_size}) must be >= 1, views_per_sample ({views_per_sample}), "
                          f"token_budget ({token_budget}) and skip_batches ({skip_batches}) >= 0")
+    if read not in ("ranges", "stream"):
+        raise ValueError(f"read must be ranges or stream, not {read!r}")
+    want = Want(views=views_per_sample, sigma=sigma, cond=cond, background=background)
+    readers = ([ReadRanges(seed, start_epoch, want, handler)] if read == "ranges" else
+               [partial(stream_samples, handler=handler), PickViews(seed, start_epoch, want, handler)])
     if resampled:
         resampler = wds.ResampledShards(url_list, seed=seed, deterministic=True)
         resampler.epoch = start_epoch - 1  # it counts its own epochs the same way (+1 per iteration)
@@ -381,13 +284,10 @@ def make_dataset(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: 
         shards = [_ShardOrder(url_list, seed, start_epoch), wds.split_by_node, wds.split_by_worker]
     return wds.DataPipeline(
         *shards,
-        partial(_open_shards, handler=handler),
-        partial(tar_file_expander, handler=handler),
-        partial(group_by_keys, handler=handler),
-        _PickViews(seed, start_epoch, views_per_sample, background, cond, handler),
+        *readers,
         _Shuffle(seed, start_epoch, shuffle_buffer),
         _SkipBatches(seed, start_epoch, skip_batches, batch_size, token_budget) if skip_batches else None,
-        wds.map(_decode_images, handler=handler),
+        wds.map(decode_images, handler=handler),
         None if epoch_samples is None else partial(_worker_share, total=epoch_samples),
         _drop_skipped if skip_batches else None,
         partial(pack_to_budget, batch_size=batch_size, token_budget=token_budget, handler=handler, layout=layout)

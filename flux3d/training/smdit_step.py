@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 class SMDiTStep(Step):
     needs_cond = True
+    needs_sigma = False  # it diffuses mu; sigma is the decoder's (sec. 4.3)
+
+    def views_needed(self) -> int:
+        return 1 if self.cfg.run.decoder_run and self.cfg.run.image_every else 0  # the grid's target view only
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         super().__init__(cfg, device)

@@ -40,6 +40,11 @@ def read_stats(version_dir: str) -> dict[str, Any]:
 
 class Step:
     needs_cond = False
+    needs_sigma = True
+
+    def views_needed(self) -> int:
+        """Supervision views per sample that the step (with its image grids) uses: the loader reads only those."""
+        return self.cfg.data.views_per_sample
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
@@ -77,7 +82,8 @@ class Step:
         return make_loader(urls, batch_size=d.batch_size, num_workers=d.workers, resampled=True,
                            epoch_samples=max(per_rank, 1), seed=self.cfg.run.seed, start_epoch=start_epoch,
                            skip_batches=skip_batches,
-                           background=d.background, cond=self.needs_cond, views_per_sample=d.views_per_sample,
+                           background=d.background, cond=self.needs_cond, views_per_sample=self.views_needed(),
+                           sigma=self.needs_sigma, read=d.read,
                            shuffle_buffer=d.shuffle_buffer, token_budget=d.token_budget, layout=self.layout_fn(),
                            pin_memory=self.device.type == "cuda")
 
