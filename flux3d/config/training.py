@@ -128,7 +128,8 @@ class LossConfig:
 class FlowMatchingConfig:
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
-    """t = sigmoid(N(mean, std)) (SD3 / TRELLIS logit-normal sampling)."""
+    """Training times t = sigmoid(N(mean, std)). Mean 0 is SD3's default; TRELLIS trains with mean 1.0 (skewed
+    toward noise); the FLUX3D paper does not state its choice."""
     cond_drop: float = 0.1
     """Probability of training a sample without its image (the learned null condition), for CFG."""
     normalize: bool = True

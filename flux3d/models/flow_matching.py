@@ -52,11 +52,14 @@ class SamplerConfig:
     steps: int = 50
     """Euler steps (paper: 50)."""
     guidance: float = 3.0
-    """CFG weight w; 1 = no guidance (one model call per step)."""
+    """CFG weight w in v = v_null + w (v_cond - v_null); 1 = no guidance (one model call per step), 0 = the
+    unconditional model. TRELLIS writes the same rule as (1 + s) v_cond - s v_null, so w = 1 + s: our 3.0 is its
+    `cfg_strength` 2.0, and its training snapshots' 3.0 is our 4.0."""
     cfg_interval: tuple[float, float] = (0.5, 1.0)
     """t range in which guidance applies."""
     rescale_t: float = 3.0
-    """Time-grid warp t' = r t / (1 + (r - 1) t) (TRELLIS's samplers use 3): more steps near the data end."""
+    """Time-grid warp t' = r t / (1 + (r - 1) t) of the uniform grid (TRELLIS's samplers use 3): r > 1 gives short
+    steps near t = 1 (noise) and long ones near t = 0 (data); r = 1 is the uniform grid."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.rescale_t <= 0 or not 0 <= self.cfg_interval[0] <= self.cfg_interval[1] <= 1:
