@@ -11,7 +11,8 @@
 Positions (MARoPE): voxel tokens rotate by their (x, y, z) on the 32^3 grid; image patch (i, j) sits on a virtual
 plane at (i, j, z_max + 1) (rope.marope_positions), so RoPE's distance decay biases each patch toward nearby voxels.
 Ablation switches (paper Tab. 4-5): `arch = "dit"` is the TRELLIS-like DiT (voxel self-attention + cross-attention
-to the image tokens, one weight set), `position = "ape"` replaces MARoPE by additive absolute sinusoidal embeddings
+to the image tokens, one weight set, the same positions: MARoPE rotates its cross-attention's queries and keys by
+the voxel and plane positions), `position = "ape"` replaces MARoPE by additive absolute sinusoidal embeddings
 of the same 3D positions.
 
 Conditioning dropout for classifier-free guidance uses a learned null condition: the image tokens of a dropped
@@ -154,7 +155,12 @@ class SingleStreamBlock(nn.Module):
 
 class CrossDiTBlock(nn.Module):
     """The ablation baseline (TRELLIS's ModulatedSparseTransformerCrossBlock): adaLN self-attention over the voxel
-    tokens, cross-attention to the asset's image tokens, adaLN MLP."""
+    tokens, cross-attention to the asset's image tokens, adaLN MLP.
+
+    Positions follow `position` as in the SMDiT, so that the ablation changes the architecture and nothing else
+    (paper Tab. 4's "w/o SMDiT" row keeps MARoPE): with MARoPE the cross-attention queries rotate by their voxel
+    positions and the keys by their patches' places on the virtual plane; with APE the image tokens carry their
+    embedding from the input. (Bare keys would make the cross-attention blind to where a patch is.)"""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, qk_norm: bool) -> None:
         super().__init__()
@@ -170,12 +176,16 @@ class CrossDiTBlock(nn.Module):
     def forward(self, vox_TD: torch.Tensor, img_TD: torch.Tensor, vec_BD: torch.Tensor, lay: Layout,
                 rot: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.mod(vec_BD, lay.batch_vox)
-        x = vox_TD + gate1 * self.attn(_modulate(self.norm1(vox_TD), shift1, scale1), lay.vox, rot, backend)
+        rot_vox = None if rot is None else rot[lay.vox_to_joint]
+        x = vox_TD + gate1 * self.attn(_modulate(self.norm1(vox_TD), shift1, scale1), lay.vox, rot_vox, backend)
         # Every asset has the same L image tokens, so the keys are a dense (B, L) batch; queries vary in length, one
         # SDPA call per asset (B is the per-GPU batch, ~8) avoids padding the voxel side.
         B = len(lay.vox.cu_seqlens) - 1
-        k, v = self.kv(img_TD).view(B, -1, 2, self.heads, self.head_dim).unbind(2)
+        k, v = self.kv(img_TD).view(-1, 2, self.heads, self.head_dim).unbind(1)
         q = self.q(self.norm_x(x)).view(-1, self.heads, self.head_dim)
+        if rot is not None:
+            q, k = apply_rotary(q, rot_vox), apply_rotary(k, rot[lay.img_to_joint])
+        k, v = k.view(B, -1, self.heads, self.head_dim), v.view(B, -1, self.heads, self.head_dim)
         bounds = lay.vox.bounds
         out = torch.cat([F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[b].transpose(0, 1),
                                                         v[b].transpose(0, 1)).transpose(0, 1)
@@ -251,11 +261,8 @@ class SMDiT(nn.Module):
             emb = self.ape(pos).to(vox.dtype)
             vox, img = vox + emb[lay.vox_to_joint], img + emb[lay.img_to_joint]
         vec = self.t_embed(timestep_embedding(t_B, 256).to(vox.dtype))
-        # The DiT ablation's self-attention sees voxel tokens only, so it takes their rows of the rotation.
-        block_rot = rot if self.cfg.arch == "smdit" or rot is None else rot[lay.vox_to_joint]
         for blk in self.double_stream:
-            vox, img = checkpointed(blk, self.grad_checkpointing, vox, img, vec, lay, block_rot,
-                                    self.attention_backend)
+            vox, img = checkpointed(blk, self.grad_checkpointing, vox, img, vec, lay, rot, self.attention_backend)
         if self.single_stream:
             x = lay.join(vox, img)
             for blk in self.single_stream:
