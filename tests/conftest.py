@@ -7,6 +7,7 @@ dataset versions without Blender (tests/datasets.py), once per set of arguments 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Iterator
@@ -52,7 +53,7 @@ def synthetic_shards(tmp_path_factory):
     models: dict = {}
 
     def make(assets: int, **kwargs):
-        key = (assets, tuple(sorted(kwargs.items())))
+        key = (assets, json.dumps(kwargs, sort_keys=True, default=str))  # kwargs may hold dicts (`encode`)
         if key not in built:
             if "encode" not in kwargs and not models:
                 from flux3d.demo import make_demo_models

@@ -70,6 +70,36 @@ def test_tiny_decoder_keeps_gaussians_in_their_voxels_and_assets_apart(sets):
         assert offset.std() > 0.05  # the Gaussians are spread over the voxel, not stacked at its centre
 
 
+def test_training_input_is_mu_plus_sigma_noise_on_a_vae_with_sigma(synthetic_shards, tmp_path_factory):
+    """Sec. 4.3's mu + sigma * eps, on features from a tiny FLUX-shaped AutoencoderKL (sigma > 0; TAEF1 has none):
+    the shards carry sigma, and the decoder's training input is exactly mu + sigma * eps for its generator."""
+    import dataclasses
+
+    from flux3d.demo import make_demo_models
+    from flux3d.training.data import make_dataset, shard_urls
+
+    encode = make_demo_models(str(tmp_path_factory.mktemp("vae")))["encode"]
+    ds = synthetic_shards(2, views=4, resolution=32, voxels=16, supervision_views=4, cond_views=1, cond_resolution=32,
+                          encode=encode)
+    (batch,) = make_dataset(shard_urls(ds.version_dir, "train"), batch_size=2, cond=False)
+    v = batch.voxels
+    assert batch.sigma is not None and float((batch.sigma > 0).float().mean()) > 0.9
+    base = DecoderConfig()
+    cfg = DecoderConfig(**TINY, train_noise=True,
+                        gaussians=dataclasses.replace(base.gaussians, resolution=16, per_voxel=4))
+    torch.manual_seed(0)
+    model = GaussianDecoder(cfg)
+    for p in model.parameters():  # the output layer starts at zero: perturb so every path carries signal
+        p.data.add_(0.05 * torch.randn_like(p))
+    with torch.no_grad():
+        noisy = model(v.feats, v.coords, v.offsets, sigma_MC=batch.sigma, generator=torch.Generator().manual_seed(3))
+        eps = torch.randn(v.feats.shape, generator=torch.Generator().manual_seed(3))
+        by_hand = model(v.feats + batch.sigma * eps, v.coords, v.offsets)
+        clean = model(v.feats, v.coords, v.offsets)
+    torch.testing.assert_close(noisy.raw, by_hand.raw)
+    assert not torch.allclose(noisy.raw, clean.raw, atol=1e-4)
+
+
 def _avocado(tmp_path_factory, voxels: int):
     if not AVOCADO.is_file() or not (SHARED / "weights" / "taef1_encoder.safetensors").is_file():
         pytest.skip("needs ../shared/assets and the TAEF1 weights")

@@ -78,6 +78,18 @@ def test_resume_equals_an_uninterrupted_run(demo_ds, tmp_path, kind, extra):
             [straight.optim.lr * lr_factor(s, straight) for s in range(1, 7)])
 
 
+def test_the_smdit_conditions_with_the_features_encoder_unless_told(demo_ds, tmp_path):
+    """flow.encoder left empty: the encoder stats.json names (the one that made the voxel features), recorded in
+    the run's config so generation and evaluation encode images the same way."""
+    import json
+
+    stats = json.loads(Path(demo_ds.version_dir, "stats.json").read_text())
+    assert stats["encoder"] == demo_ds.encoder
+    fit(_cfg("smdit", demo_ds, tmp_path / "run", **{"flow.encoder": "", "run.steps": 1}), local=True)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["flow"]["encoder"] == demo_ds.encoder
+
+
 def test_lr_schedule_warms_up_then_decays_to_its_floor():
     cfg = apply_overrides(recipe("decoder", "debug"), {"optim.warmup_steps": 10, "run.steps": 110,
                                                        "optim.final_lr": 0.1})

@@ -134,8 +134,9 @@ class FlowMatchingConfig:
     """Probability of training a sample without its image (the learned null condition), for CFG."""
     normalize: bool = True
     """Normalise latents per channel with the dataset's stats.json (mu_mean, mu_std) before diffusing."""
-    encoder: str = "taef1"
-    """Conditioning images -> FLUX latents: flux_vae | taef1 (as `encode.encoder`)."""
+    encoder: str = ""
+    """Conditioning images -> FLUX latents: flux_vae | taef1 (as `encode.encoder`); empty = the encoder the
+    dataset version's features were made with (its stats.json), as the paper conditions with the FLUX VAE too."""
     encoder_location: str = ""
     """Weights of that encoder (see `encode.location`); used when shards hold images, not latents."""
     cond_resolution: int = 1024

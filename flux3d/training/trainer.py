@@ -15,6 +15,7 @@ same noise as the uninterrupted run did (see checkpoint.py). The data stream is 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ from flux3d.storage import Storage
 from flux3d.training import checkpoint as ckpt_io
 from flux3d.training.decoder_step import DecoderStep
 from flux3d.training.smdit_step import SMDiTStep
-from flux3d.training.step import Step, unwrap
+from flux3d.training.step import Step, read_stats, unwrap
 from flux3d.training.telemetry import Telemetry, peak_flops
 
 log = logging.getLogger(__name__)
@@ -298,6 +299,18 @@ def _position(state: dict[str, Any], rank: int, world: int) -> tuple[int, int]:
     return int(positions[0][0]), 0
 
 
+def with_feature_encoder(cfg: TrainConfig) -> TrainConfig:
+    """An SMDiT config whose `flow.encoder` is left empty gets the encoder the shards' features were made with
+    (stats.json), so conditioning latents and voxel latents come from one encoder unless a run says otherwise; the
+    run's config.json, and so `generate` and evaluation, record the resolved name."""
+    if cfg.kind != "smdit" or cfg.flow.encoder:
+        return cfg
+    encoder = read_stats(cfg.data.shards).get("encoder")
+    if not encoder:
+        raise ValueError(f"{cfg.data.shards}/stats.json does not name its features' encoder: set flow.encoder")
+    return dataclasses.replace(cfg, flow=dataclasses.replace(cfg.flow, encoder=encoder))
+
+
 def fit(cfg: TrainConfig, *, local: bool = False, ray_address: str | None = None,
         max_failures: int = 0) -> dict[str, Any]:
     """Train `cfg` to `cfg.run.steps`, resuming from the run directory's newest checkpoint if there is one.
@@ -308,6 +321,7 @@ def fit(cfg: TrainConfig, *, local: bool = False, ray_address: str | None = None
     """
     if not cfg.data.shards:
         raise ValueError("data.shards is empty: pass a dataset version folder (shards/<version>)")
+    cfg = with_feature_encoder(cfg)
     if local:
         if cfg.scale.num_workers != 1:
             raise ValueError("local=True runs one worker; use Ray for scale.num_workers > 1")
