@@ -15,7 +15,8 @@ class EvalConfig:
     training shards."""
     split: Literal["val", "train", "all"] = "val"
     assets: int = 1000
-    """Assets sampled (seeded) from the split (paper: 1,000 random Toys4k assets); fewer if the split is smaller."""
+    """Assets sampled (seeded) from the split; fewer if the split is smaller. The paper does not state its count
+    on Toys4k: 1,000 is our choice (docs/evaluation.md)."""
     seed: int = 0
     protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
     background: Literal["black", "white"] = "black"
