@@ -4,7 +4,8 @@ change fields on top.
 
 - `paper`: the paper's settings. Pipeline: the defaults (150/24/10 views at 512/1024/512 px, 64^3 voxels, FLUX
   VAE). Training: Tab. 6 and sec. 4.3/7.2 (decoder 12x768x12 heads, SMDiT 24 blocks x 1152 x 16 heads, AdamW 1e-4,
-  batch 8 per GPU on 8 GPUs, 100K / 200K steps, bf16). Evaluation: the Toys4k protocol, 50 steps, 1,000 assets (our count: the paper does not give one).
+  batch 8 per GPU on 8 GPUs, 100K / 200K steps, bf16). Evaluation: the Toys4k protocol, 50 steps, 1,000 assets
+  (our count: the paper does not give one).
 - `debug`: the same code at toy sizes, so a whole run takes CPU seconds per asset (CI, laptops, the tests):
   training overfits one asset in minutes; evaluation uses a few assets and allows random feature networks.
 """
