@@ -69,3 +69,38 @@ def test_guidance_is_linear_between_the_unconditional_and_conditional_fields(w):
     z = sample(model, coords, offsets, cond, SamplerConfig(steps=12, guidance=w, cfg_interval=(0.0, 1.0)),
                torch.Generator().manual_seed(2))
     torch.testing.assert_close(z, x_null + w * (x_cond - x_null), rtol=0, atol=1e-4)
+
+
+def test_only_the_image_tells_assets_with_one_layout_apart():
+    """Two assets on the same voxels, told apart by their conditioning images alone: a tiny SMDiT trained with
+    flow matching must sample each asset's latents from its own image (a model that ignored the image could only
+    return their mean). With different layouts per asset that check would pass without the image.
+    Measured: cosine 0.95 to its own latents after 240 steps (0.87 after 100), a few seconds on 2 cores."""
+    from flux3d.models.flow_matching import flow_matching_loss
+
+    g = torch.Generator().manual_seed(0)
+    xyz = torch.unique(torch.randint(0, 16, (48, 3), generator=g), dim=0)
+    n = len(xyz)
+    coords = torch.cat([torch.cat([torch.full((n, 1), b), xyz], 1) for b in (0, 1)]).int()
+    offsets = torch.tensor([0, n, 2 * n])
+    pattern = torch.randn(1, 16, generator=g).expand(n, 16)
+    latents = torch.cat([pattern, -pattern])  # asset 0 and asset 1: opposite latents on one layout
+    images = torch.stack([torch.randn(16, 4, 4, generator=g), torch.randn(16, 4, 4, generator=g)])
+    torch.manual_seed(0)
+    model = SMDiT(SMDiTConfig(width=64, heads=4, double_blocks=1, single_blocks=1, grid=16))
+    optim = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for _ in range(240):
+        t = torch.rand(2, generator=g)
+        eps = torch.randn(latents.shape, generator=g)
+        loss = flow_matching_loss(model, latents, coords, offsets, images, t, eps, torch.zeros(2, dtype=torch.bool))
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    model.eval()
+    for b in (0, 1):
+        z = sample(model, coords[:n] * torch.tensor([0, 1, 1, 1], dtype=torch.int32), offsets[:2], images[b:b + 1],
+                   SamplerConfig(steps=20, guidance=1.0), torch.Generator().manual_seed(b))
+        own, other = (torch.nn.functional.cosine_similarity(z.flatten(), x.flatten(), dim=0)
+                      for x in (latents[:n] * (1 - 2 * b), latents[:n] * (2 * b - 1)))
+        print(f"asset {b}: cosine {float(own):.3f} to its own latents, {float(other):.3f} to the other's")
+        assert own > 0.9 and other < -0.9, (b, float(own), float(other))
