@@ -30,7 +30,6 @@ from typing import IO
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import qmc
 
 from flux3d.models.configs import RAW_CHANNELS, GaussianConfig
 
@@ -96,6 +95,8 @@ class Gaussians:
 def hammersley_offsets(cfg: GaussianConfig) -> torch.Tensor:
     """(K, 3) initial offsets in voxels, in [-0.5, 0.5): the 3D Hammersley set (i / K, radical inverses base 2, 3)
     that TRELLIS uses (its `hammersley_sequence`), i.e. scipy's unscrambled Halton points beside i / K."""
+    from scipy.stats import qmc  # here, not at the top: scipy.stats costs ~1 s of every process's start
+
     k = cfg.per_voxel
     halton = qmc.Halton(d=2, scramble=False).random(k)
     points = np.concatenate([np.arange(k)[:, None] / k, halton], axis=1)

@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.utils import make_grid
 
 from flux3d.config.training import TrainConfig
 from flux3d.models.decoder import GaussianDecoder, decoder_layout
@@ -61,4 +60,6 @@ class DecoderStep(Step):
         _, _, pred = self.forward(model, batch, None)
         model.train(was)
         n = min(4, pred.shape[0])
+        from torchvision.utils import make_grid  # here: torchvision costs ~1 s of every training worker's start
+
         return make_grid(torch.cat([batch.images[:n, 0], pred[:n, 0].clamp(0, 1)]), nrow=n)
