@@ -100,3 +100,12 @@ def test_ranges_read_at_most_twice_what_a_step_uses(sized, step):
     assert ranges <= 2 * used and stream > 3 * used, (ranges / used, stream / used)
     part = json.loads((folder / "parts" / "train-000000.json").read_text())
     assert len(part["rows"]) == len(by_key)
+
+
+def test_reading_no_view_keeps_the_backgrounds_and_conditioning_of_one(dataset):  # noqa: F811
+    """The SMDiT reads no view, yet its stream of backgrounds and conditioning images is that of a step reading one
+    (so a run from before it stopped reading views resumes exactly)."""
+    one, none = (list(make_dataset(dataset.train, batch_size=5, seed=2, views_per_sample=v)) for v in (1, 0))
+    for a, b in zip(one, none):
+        assert a.keys == b.keys and torch.equal(a.background, b.background) and torch.equal(a.cond, b.cond)
+        assert a.images.shape[1] == 1 and b.images.shape[1] == 0

@@ -75,7 +75,10 @@ def _choose(seed: int, epoch: int, key: str, n_views: int, n_cond: int, want: Wa
     if n_views < want.views:
         raise ValueError(f"{n_views} views, {want.views} needed")
     rng = random.Random(f"{seed}:{epoch}:{key}")
-    index = rng.sample(range(n_views), want.views)
+    # At least one view is drawn even when none is read (the SMDiT's step), so the background and conditioning
+    # draws after it are those of a step that reads one view: the SMDiT sees the same stream as before it stopped
+    # reading views, and a run started then resumes exactly.
+    index = rng.sample(range(n_views), max(want.views, min(n_views, 1)))[:want.views]
     background = float(rng.random() < 0.5) if want.background == "random" else float(want.background == "white")
     if not want.cond:
         return index, background, None
