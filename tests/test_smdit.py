@@ -32,14 +32,20 @@ def _random_batch(sizes=(37, 5), channels=16, grid=16, seed=0) -> SparseBatch:
     return SparseBatch.from_list(xyz, [torch.randn(n, channels, generator=g) for n in sizes])
 
 
+def _perturbed(cfg: SMDiTConfig) -> SMDiT:
+    """A seeded SMDiT whose weights are perturbed: adaLN-Zero starts as identity, so every path carries signal."""
+    torch.manual_seed(0)
+    model = SMDiT(cfg)
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    return model
+
+
 @pytest.mark.parametrize("arch,position", [("smdit", "marope"), ("smdit", "ape"), ("dit", "marope"), ("dit", "ape")])
 def test_output_lies_on_the_input_layout_and_assets_do_not_mix(arch, position):
     cfg = SMDiTConfig(width=32, heads=2, double_blocks=2 if arch == "dit" else 1,
                       single_blocks=0 if arch == "dit" else 1, grid=16, arch=arch, position=position)
-    torch.manual_seed(0)
-    model = SMDiT(cfg)
-    for p in model.parameters():  # adaLN-Zero starts as identity: perturb so every path carries signal
-        p.data.add_(0.05 * torch.randn_like(p))
+    model = _perturbed(cfg)
     b = _random_batch()
     cond = torch.randn(2, 16, 4, 4)
     t = torch.tensor([0.3, 0.7])
@@ -65,10 +71,7 @@ def test_shuffling_the_image_patches_changes_the_output(arch, position):
     """Every variant places image patches (MARoPE's plane or APE), so the same patches in another order are another
     image. A model blind to patch positions (cross-attention with bare keys) gives the same output."""
     cfg = SMDiTConfig(width=32, heads=2, double_blocks=2, single_blocks=0, grid=16, arch=arch, position=position)
-    torch.manual_seed(0)
-    model = SMDiT(cfg)
-    for p in model.parameters():  # adaLN-Zero starts as identity: perturb so every path carries signal
-        p.data.add_(0.05 * torch.randn_like(p))
+    model = _perturbed(cfg)
     b = _random_batch()
     cond = torch.randn(2, 16, 8, 8)
     patches = cond.unfold(2, 2, 2).unfold(3, 2, 2).reshape(2, 16, 16, 2, 2)  # (B, C, 4x4 patches, 2, 2)
