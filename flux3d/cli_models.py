@@ -91,7 +91,8 @@ def generate(
     seed: int = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
 ) -> None:
-    """Image + sparse layout -> FLUX latents (SMDiT) -> Gaussians (decoder) -> a 3DGS .ply and a turntable."""
+    """Image + sparse layout -> FLUX latents (SMDiT) -> Gaussians (decoder) -> a 3DGS .ply and a turntable.
+    An Enc-Dec SMDiT samples its decoder's 8-channel latent instead: give that decoder."""
     import torch
 
     from flux3d.features.vae import ConditionEncoder
@@ -100,7 +101,7 @@ def generate(
     from flux3d.models.inference import generate as run_generate
     from flux3d.models.inference import load_image, read_layout, save_turntable
     from flux3d.models.inference import turntable as render_turntable
-    from flux3d.training.checkpoint import load_model
+    from flux3d.training.checkpoint import decodes_latent, load_model
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -109,6 +110,7 @@ def generate(
         decoder_model, decoder_cfg = load_model(decoder, device=dev)
         if smdit_cfg.kind != "smdit" or decoder_cfg.kind != "decoder":
             raise ValueError(f"--smdit is a {smdit_cfg.kind} run and --decoder a {decoder_cfg.kind} run")
+        latent = decodes_latent(smdit_cfg, decoder)
         coords = read_layout(layout)
         sampler = SamplerConfig(steps=steps, guidance=guidance)
     except ValueError as e:
@@ -116,7 +118,7 @@ def generate(
     f = smdit_cfg.flow
     encoder = ConditionEncoder(f.encoder, f.encoder_location, f.cond_resolution, dev)
     cond = encoder(load_image(image, f.cond_resolution, background).to(dev))
-    result = run_generate(smdit_model, decoder_model, cond, coords, sampler, seed)
+    result = run_generate(smdit_model, decoder_model, cond, coords, sampler, seed, latent)
     save_ply(result.gaussians, out)
     typer.echo(f"wrote {out}: {len(result.gaussians)} Gaussians on {len(coords)} voxels")
     if turntable:

@@ -63,6 +63,21 @@ def test_train_changes_are_typed_tables_that_add_to_the_recipe(tmp_path):
     assert smdit.run.decoder_run == f"{tmp_path}/models/v1/decoder"
 
 
+def test_an_enc_dec_pipeline_diffuses_its_decoders_latent(tmp_path):
+    """`[train.decoder] decoder.latent_channels = 8` makes the pipeline the paper's Enc-Dec variant: its SMDiT
+    diffuses that decoder's 8-channel latent (trained after it); a Dec-Only pipeline diffuses the features."""
+    from flux3d.flows.train import enc_dec_channels, run_config
+
+    path = tmp_path / "run.toml"
+    path.write_text(f'[storage]\nroot = "{tmp_path}"\n[train.decoder]\ndecoder = {{latent_channels = 8}}\n')
+    cfg = load_config(path, recipe="debug")
+    smdit = run_config(cfg, "smdit", "v1")
+    assert enc_dec_channels(cfg, "v1") == 8 and smdit.smdit.in_channels == 8 and smdit.smdit.cond_channels == 16
+    assert smdit.flow.latents == smdit.run.decoder_run == f"{tmp_path}/models/v1/decoder"
+    plain = run_config(load_config(recipe="debug", overrides={"storage.root": str(tmp_path)}), "smdit", "v1")
+    assert (plain.flow.latents, plain.smdit.in_channels) == ("", 16)
+
+
 @pytest.mark.parametrize("spec", ["local", "ftp:x", "local:", "objaverse:lvis", "objaverse-xl:limit=ten"])
 def test_bad_source_specs(spec):
     with pytest.raises(ValueError):

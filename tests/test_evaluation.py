@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 
@@ -137,3 +138,63 @@ def test_sample_keys_is_seeded_and_bounded(dataset):
     with pytest.raises(ValueError, match="no 'val' assets"):
         sample_keys(ds.version_dir, "val", 5, seed=0)
     assert torch.is_tensor(scaled([[1, 0, 0], [0, 1, 0], [0, 0, 1]], 8, 4))
+
+
+@pytest.fixture(scope="module")
+def enc_dec(tmp_path_factory, dataset):
+    """The Enc-Dec variant (paper Tab. 3): an encoder-decoder with an 8-channel latent, and an SMDiT trained on
+    that latent (`flow.latents`), laid out as a pipeline's run folder."""
+    tmp, ds = tmp_path_factory.mktemp("encdec"), dataset
+    base = {"data.shards": ds.version_dir, "run.image_every": 0, "run.steps": 20, "run.ckpt_every": 20}
+    run = tmp / "runs" / "v"
+    fit(apply_overrides(recipe("decoder", "debug"), {**base, "run.out": str(run / "decoder"),
+                                                     "decoder.gaussians.resolution": 16,
+                                                     "decoder.latent_channels": 8}), local=True)
+    smdit = apply_overrides(recipe("smdit", "debug"), {**base, "run.out": str(run / "smdit"), "smdit.grid": 16,
+                                                       "smdit.in_channels": 8, "flow.latents": str(run / "decoder"),
+                                                       "flow.encoder": ds.encoder,
+                                                       "flow.encoder_location": ds.encoder_location})
+    fit(smdit, local=True)
+    return ds, run
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_evaluate_an_enc_dec_run_generates_with_the_8_channel_smdit(enc_dec, trained):
+    from flux3d.training.checkpoint import decodes_latent, load_model
+    from flux3d.training.data import every_sample, shard_urls
+    from flux3d.training.smdit_step import EncDecLatents
+
+    ds, run = enc_dec
+    smdit, scfg = load_model(str(run / "smdit"))
+    decoder, _ = load_model(str(run / "decoder"))
+    # The SMDiT's normalisation is that of the encoded train split, not of the FLUX features.
+    (batch,) = every_sample(shard_urls(ds.version_dir, "train"), batch_size=100)
+    with torch.no_grad():
+        z = decoder.encode(batch.voxels.feats, batch.voxels.coords, batch.voxels.offsets)
+    assert smdit.latent_mean.shape == (8,)
+    torch.testing.assert_close(smdit.latent_mean, z.mean(0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(smdit.latent_std, z.std(0, unbiased=False), atol=1e-4, rtol=1e-4)
+    # Its samples belong to that decoder alone: another decoder is refused, as is a decoder-only run or an
+    # unfinished one (named as a run, whose newest checkpoint still moves) as the latent to train on.
+    assert decodes_latent(scfg, str(run / "decoder"))
+    with pytest.raises(ValueError, match="decode its samples with that decoder"):
+        decodes_latent(scfg, str(trained[1] / "decoder"))
+    with pytest.raises(ValueError, match="not an encoder-decoder run"):
+        EncDecLatents(apply_overrides(scfg, {"flow.latents": str(trained[1] / "decoder")}), torch.device("cpu"))
+    unfinished = run.parent / "unfinished"
+    shutil.copytree(run / "decoder", unfinished)
+    meta = unfinished / "checkpoints" / "step_0000020" / "meta.json"
+    doc = json.loads(meta.read_text())
+    doc["config"]["run"]["steps"] = 40
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="at step 20 of 40"):
+        EncDecLatents(apply_overrides(scfg, {"flow.latents": str(unfinished)}), torch.device("cpu"))
+    EncDecLatents(apply_overrides(scfg, {"flow.latents": str(meta.parent)}), torch.device("cpu"))  # pinned: fine
+
+    _evaluate(run)
+    doc = json.loads((run / "eval" / "report.json").read_text())
+    assert doc["variant"] == "Enc-Dec" and doc["smdit_diffuses"] == "8-channel decoder latent"
+    assert math.isfinite(doc["summary"]["gen_psnr"]) and math.isfinite(doc["summary"]["recon_psnr"])
+    md = (run / "eval" / "report.md").read_text()
+    assert any(line.startswith("| this run (Enc-Dec)") for line in md.splitlines())

@@ -139,6 +139,12 @@ class FlowMatchingConfig:
     dataset version's features were made with (its stats.json), as the paper conditions with the FLUX VAE too."""
     encoder_location: str = ""
     """Weights of that encoder (see `encode.location`); used when shards hold images, not latents."""
+    latents: str = ""
+    """"" = diffuse the FLUX features (the paper's Dec-Only model). An encoder-decoder's run directory (trained to
+    its last step) = diffuse that decoder's latent (`smdit.in_channels` = its `latent_channels`; Tab. 3's Enc-Dec
+    row), normalised with statistics of the train split's latents (`latent_stats_assets` of them)."""
+    latent_stats_assets: int = 1000
+    """Train-split assets whose encoded latents give the Enc-Dec normalisation (per-channel mean and std)."""
     cond_resolution: int = 1024
     """Conditioning images are resized to this before encoding, in training and in `flux3d generate` alike
     (paper: 1024 px -> 128x128 latents -> 64x64 image tokens); a multiple of 16 (8x VAE, 2x2 patches)."""
@@ -146,6 +152,8 @@ class FlowMatchingConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.cond_drop < 1 or self.logit_normal_std <= 0:
             raise ValueError("flow.cond_drop must be in [0, 1), flow.logit_normal_std > 0")
+        if self.latent_stats_assets < 1:
+            raise ValueError("flow.latent_stats_assets must be >= 1")
         if self.cond_resolution < 16 or self.cond_resolution % 16:
             raise ValueError(f"flow.cond_resolution must be a positive multiple of 16, got {self.cond_resolution}")
 
@@ -187,8 +195,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("decoder", "smdit"):
             raise ValueError(f"kind must be decoder or smdit, got {self.kind!r}")
-        if self.kind == "smdit" and self.smdit.in_channels != self.decoder.in_channels:
-            raise ValueError("smdit.in_channels must equal decoder.in_channels (both are the FLUX latent width)")
+        if self.kind == "smdit" and not self.flow.latents and self.smdit.in_channels != self.decoder.in_channels:
+            raise ValueError("smdit.in_channels must equal decoder.in_channels (both are the FLUX latent width; "
+                             "an Enc-Dec SMDiT sets flow.latents)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -40,6 +40,8 @@ class Models:
     smdit: torch.nn.Module | None = None
     smdit_cfg: TrainConfig | None = None
     smdit_run: str = ""
+    latent: bool = False
+    """The SMDiT samples the decoder's own latent (Enc-Dec), not FLUX features."""
 
 
 class Evaluator:
@@ -104,7 +106,7 @@ class Evaluator:
             latents = self.cond_encoder(image(a.cond_images[j], bg, size)[None].to(self.device))
             g = generate(self.m.smdit, self.m.decoder, latents, a.coords,
                          SamplerConfig(steps=cfg.sampler_steps, guidance=cfg.guidance),
-                         seed=zlib.crc32(f"{cfg.seed}:{a.key}".encode())).gaussians
+                         seed=zlib.crc32(f"{cfg.seed}:{a.key}".encode()), latent=self.m.latent).gaussians
             pred = render(g, scaled(cam["K"], cond_stored, R)[None], torch.tensor(cam["w2c"])[None], R, bg)
             res.rows |= view_metrics("gen", pred, inp[None], self.lpips)
             idx = spread(len(cams), cfg.metric_views)
@@ -186,12 +188,16 @@ def evaluate(cfg: EvalConfig, decoder_run: str, smdit_run: str | None, out: str,
         raise ValueError(f"{decoder_run} is a {dcfg.kind} run, not a decoder run")
     models = Models(decoder, dcfg, decoder_run)
     info: dict[str, Any] = {"config": dataclasses.asdict(cfg), "decoder_run": decoder_run,
-                            "decoder_step": ckpt_io.resolve(decoder_run)[1].step}
+                            "decoder_step": ckpt_io.resolve(decoder_run)[1].step,
+                            "variant": "Enc-Dec" if dcfg.decoder.latent_channels else "Dec-Only"}
     if smdit_run:
         smdit, scfg = load_model(smdit_run, device=device)
         if scfg.kind != "smdit":
             raise ValueError(f"{smdit_run} is a {scfg.kind} run, not an SMDiT run")
         models.smdit, models.smdit_cfg, models.smdit_run = smdit, scfg, smdit_run
-        info |= {"smdit_run": smdit_run, "smdit_step": ckpt_io.resolve(smdit_run)[1].step}
+        models.latent = ckpt_io.decodes_latent(scfg, decoder_run)
+        info |= {"smdit_run": smdit_run, "smdit_step": ckpt_io.resolve(smdit_run)[1].step,
+                 "smdit_diffuses": f"{scfg.smdit.in_channels}-channel " + ("decoder latent" if models.latent else
+                                                                            "FLUX features")}
     result = run(cfg, models, device)
     return write_report(out, result, info, previous)

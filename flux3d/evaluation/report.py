@@ -133,12 +133,14 @@ def write_report(out: str, result: dict[str, Any], info: dict[str, Any],
            "caveats": result.get("caveats", []),
            "previous": previous and {"time": previous.get("time"), "summary": previous.get("summary")}}
     title = f"FLUX3D evaluation: {result['count']} assets"
-    notes = [f"Models: decoder {info.get('decoder_run')} (step {info.get('decoder_step')}), SMDiT "
-             f"{info.get('smdit_run') or '-'} (step {info.get('smdit_step', '-')}). Assets: {result['shards']}.",
+    diffuses = f", diffusing the {info['smdit_diffuses']}" if "smdit_diffuses" in info else ""
+    notes = [f"Models ({info.get('variant', 'Dec-Only')}): decoder {info.get('decoder_run')} (step "
+             f"{info.get('decoder_step')}), SMDiT {info.get('smdit_run') or '-'} (step {info.get('smdit_step', '-')}"
+             f"{diffuses}). Assets: {result['shards']}.",
              "Published rows are the paper's Toys4k numbers with its full-size models; the last row is this run, on "
              "these assets, for orientation. KD is x100 as in the paper; FD/KD use torchvision's Inception-v3, so "
              "they compare across runs of this code, not with published FIDs.", *result.get("caveats", [])]
-    tabs = tables(summary, "this run", previous and previous.get("summary"))
+    tabs = tables(summary, f"this run ({info.get('variant', 'Dec-Only')})", previous and previous.get("summary"))
     storage.write_bytes("report.json", json.dumps(doc, indent=2, sort_keys=True, default=float).encode())
     storage.write_bytes("report.md", markdown(title, notes, tabs).encode())
     storage.write_bytes("report.html", to_html(title, notes, tabs).encode())

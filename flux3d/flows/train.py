@@ -5,7 +5,8 @@ needs the decoder only for its optional image grids (skipped until the decoder h
 room for both trains them side by side. On a full one the second job waits: Ray Train retries a worker group
 that found no resources (WorkerGroupStartupTimeoutError, every 60 s, without limit by default) until the first
 job's workers are gone.
-Local mode (`train.local`: both in this process) trains them one after the other.
+Local mode (`train.local`: both in this process) trains them one after the other. So does the Enc-Dec variant
+(`[train.decoder] decoder.latent_channels > 0`): its SMDiT diffuses the finished decoder's latent.
 
 Run directories are keyed by dataset version (<root>/models/<version>/{decoder,smdit}), and training resumes from a
 run's newest checkpoint, so re-running the flow (or the pipeline after a crash) continues or skips finished runs
@@ -44,9 +45,19 @@ def run_config(cfg: Config, kind: str, version: str):  # noqa: ANN201 - TrainCon
         derived["smdit"] = {"grid": cfg.voxelize.resolution}
         run["decoder_run"] = storage.path(t.runs, version, "decoder")
         flow = changes.get("flow", {})
+        derived["flow"] = {}
         if "encoder" not in flow and "encoder_location" not in flow:  # the encoder the features were made with
             derived["flow"] = {"encoder": cfg.encode.encoder, "encoder_location": cfg.encode.location}
+        latent = enc_dec_channels(cfg, version)
+        if latent and "latents" not in flow:  # Enc-Dec: the SMDiT diffuses this pipeline's decoder's latent
+            derived["flow"]["latents"] = run["decoder_run"]
+            derived["smdit"]["in_channels"] = latent
     return train_config(kind, t.recipe(kind), merged(derived, changes))
+
+
+def enc_dec_channels(cfg: Config, version: str) -> int:
+    """The latent width of the pipeline's decoder: > 0 for the encoder-decoder variant, 0 for Dec-Only."""
+    return run_config(cfg, "decoder", version).decoder.latent_channels
 
 
 @task(name="train-model", cache_policy=NONE, task_run_name="train-{kind}")
@@ -75,6 +86,9 @@ def train_flow(root: str, dataset_version: str, config: str | None = None, recip
     if cfg.train.local:
         return {kind: train_task(cfg, kind, dataset_version) for kind in ("decoder", "smdit")}
     connect(cfg.flow.ray_address or None, cfg.flow.ray_num_cpus, cfg.flow.ray_dashboard)
-    jobs = {kind: train_task.submit(cfg, kind, dataset_version) for kind in ("decoder", "smdit")}
-    return {kind: job.result() for kind, job in jobs.items()}
+    decoder = train_task.submit(cfg, "decoder", dataset_version)
+    if enc_dec_channels(cfg, dataset_version):
+        decoder.wait()  # the SMDiT's training data is the finished decoder's latent
+    smdit = train_task.submit(cfg, "smdit", dataset_version)
+    return {"decoder": decoder.result(), "smdit": smdit.result()}
 

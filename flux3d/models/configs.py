@@ -77,7 +77,10 @@ class DecoderConfig:
 @dataclass(kw_only=True, slots=True)
 class SMDiTConfig:
     in_channels: int = 16
-    """FLUX latent channels (voxel features and image latents alike)."""
+    """Channels of the voxel latents it diffuses: 16 for the FLUX features (Dec-Only), the encoder-decoder's
+    latent width (8) for the Enc-Dec variant."""
+    cond_channels: int = 16
+    """Channels of the conditioning image latents (the FLUX VAE's 16 in either variant)."""
     width: int = 1152
     """Paper Tab. 6 says 1156, which 16 heads cannot divide; 1152 = 16 x 72 (DESIGN.md sec. 6)."""
     heads: int = 16

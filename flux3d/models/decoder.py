@@ -7,7 +7,8 @@
 The paper's decoder-only design feeds the FLUX latents straight in (no compressing encoder); the training input
 z = mu + sigma * eps makes the decoder robust to the continuous outputs the SMDiT generates. The encoder-decoder
 ablation (`latent_channels = 8`) puts a sparse transformer encoder with a KL-regularised 8-channel bottleneck in
-front, as TRELLIS's SLat VAE does.
+front, as TRELLIS's SLat VAE does; that variant's SMDiT diffuses the 8-channel latent (`encode`) and its samples
+decode through the trunk alone (`latent=True`): the paper's Enc-Dec row of Tab. 3.
 
 Positions: TRELLIS's absolute sinusoidal embedding of the voxel coordinates ("ape", the default) or 3-axis RoPE.
 Attention: TRELLIS's decoders use 8^3 shifted windows ("swin8"), which keeps cost linear in the voxel count; a
@@ -132,27 +133,48 @@ class GaussianDecoder(nn.Module):
 
     def forward(self, mu_MC: torch.Tensor, coords_M4: torch.Tensor, offsets: torch.Tensor,
                 sigma_MC: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                layout: DecoderLayout | None = None) -> DecoderOutput:
+                layout: DecoderLayout | None = None, latent: bool = False) -> DecoderOutput:
         """Raw Gaussian parameters per voxel. With `sigma_MC` (training) the input is mu + sigma * eps.
-        `layout`: `decoder_layout(cfg, coords_M4, offsets)` built beforehand (the same result, no host syncs)."""
+        `layout`: `decoder_layout(cfg, coords_M4, offsets)` built beforehand (the same result, no host syncs).
+        `latent` (encoder-decoder only): `mu_MC` is already the 8-channel latent (an SMDiT sample), so only the
+        decoding trunk runs."""
         layout = self._checked(layout, coords_M4, offsets)
+        if latent:
+            if not self.cfg.latent_channels:
+                raise ValueError("latent=True needs an encoder-decoder (decoder.latent_channels > 0)")
+            return DecoderOutput(self._decode(mu_MC, coords_M4, layout))
         z_MC = mu_MC
         if sigma_MC is not None and self.cfg.train_noise:
             z_MC = mu_MC + sigma_MC * torch.randn(mu_MC.shape, generator=generator, device=mu_MC.device,
                                                   dtype=mu_MC.dtype)
         kl = None
         if self.cfg.latent_channels:
-            h_MD = self.encoder(self.encoder_in(z_MC), coords_M4, layout)
-            mean_ML, logvar_ML = self.encoder_out(h_MD).float().chunk(2, dim=-1)
-            logvar_ML = logvar_ML.clamp(-30.0, 20.0)
+            mean_ML, logvar_ML = self._posterior(z_MC, coords_M4, layout)
             kl = 0.5 * (mean_ML ** 2 + logvar_ML.exp() - 1.0 - logvar_ML).mean()
             z_MC = mean_ML
             if self.training:
                 z_MC = mean_ML + (0.5 * logvar_ML).exp() * torch.randn(
                     mean_ML.shape, generator=generator, device=mean_ML.device, dtype=mean_ML.dtype)
             z_MC = z_MC.to(mu_MC.dtype)
-        x_MD = self.trunk(self.input(z_MC), coords_M4, layout)
-        return DecoderOutput(self.out(self.out_norm(x_MD)), kl)
+        return DecoderOutput(self._decode(z_MC, coords_M4, layout), kl)
+
+    def encode(self, mu_MC: torch.Tensor, coords_M4: torch.Tensor, offsets: torch.Tensor,
+               layout: DecoderLayout | None = None) -> torch.Tensor:
+        """Encoder-decoder only: the latent (M, latent_channels) the SMDiT diffuses, the posterior mean of the
+        noiseless features (TRELLIS encodes its SLat the same way: no posterior sample)."""
+        if not self.cfg.latent_channels:
+            raise ValueError("a decoder-only model has no latent to encode into (decoder.latent_channels = 0)")
+        layout = self._checked(layout, coords_M4, offsets)
+        return self._posterior(mu_MC, coords_M4, layout)[0]
+
+    def _posterior(self, z_MC: torch.Tensor, coords_M4: torch.Tensor, layout: DecoderLayout
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        h_MD = self.encoder(self.encoder_in(z_MC), coords_M4, layout)
+        mean_ML, logvar_ML = self.encoder_out(h_MD).float().chunk(2, dim=-1)
+        return mean_ML, logvar_ML.clamp(-30.0, 20.0)
+
+    def _decode(self, z_MC: torch.Tensor, coords_M4: torch.Tensor, layout: DecoderLayout) -> torch.Tensor:
+        return self.out(self.out_norm(self.trunk(self.input(z_MC), coords_M4, layout)))
 
     def _checked(self, layout: DecoderLayout | None, coords_M4: torch.Tensor, offsets: torch.Tensor) -> DecoderLayout:
         if layout is None:

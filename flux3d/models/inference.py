@@ -58,31 +58,33 @@ def load_image(path: str, resolution: int, background: float = 1.0) -> torch.Ten
 
 @dataclass
 class Generated:
-    latents: torch.Tensor  # (N, 16)
+    latents: torch.Tensor  # (N, C): FLUX features (16), or an encoder-decoder's latent (8)
     gaussians: Gaussians
 
 
 @torch.no_grad()
 def decode_gaussians(decoder: GaussianDecoder, coords_N3: np.ndarray | torch.Tensor,
-                     latents_NC: np.ndarray | torch.Tensor) -> Gaussians:
-    """One asset's per-voxel latents (not normalised) -> its Gaussians, on the decoder's device."""
+                     latents_NC: np.ndarray | torch.Tensor, latent: bool = False) -> Gaussians:
+    """One asset's per-voxel latents (not normalised) -> its Gaussians, on the decoder's device: FLUX features, or
+    with `latent` an encoder-decoder's own latent (its SMDiT's samples)."""
     dev = next(decoder.parameters()).device
     coords = torch.as_tensor(coords_N3).cpu()  # packing happens on the host, then the batch moves
     batch = SparseBatch.from_list([coords], [torch.as_tensor(latents_NC, dtype=torch.float32).cpu()]).to(dev)
-    out = decoder(batch.feats, batch.coords, batch.offsets)
+    out = decoder(batch.feats, batch.coords, batch.offsets, latent=latent)
     (gaussians,) = decoder.to_gaussians(out.raw, batch.coords, batch.offsets)
     return gaussians
 
 
 @torch.no_grad()
 def generate(smdit: SMDiT, decoder: GaussianDecoder, cond_latents: torch.Tensor, coords_N3: np.ndarray | torch.Tensor,
-             sampler: SamplerConfig, seed: int = 0) -> Generated:
-    """Latents sampled for one conditioning image on the layout `coords_N3`, and the decoder's Gaussians of them."""
+             sampler: SamplerConfig, seed: int = 0, latent: bool = False) -> Generated:
+    """Latents sampled for one conditioning image on the layout `coords_N3`, and the decoder's Gaussians of them;
+    `latent`: the SMDiT diffuses `decoder`'s own latent (`flow.latents`, the Enc-Dec variant)."""
     device = next(smdit.parameters()).device
     batch = SparseBatch.from_list([torch.as_tensor(coords_N3).cpu()], [torch.zeros(len(coords_N3), 1)]).to(device)
     gen = torch.Generator(device).manual_seed(seed)
     latents = sample(smdit, batch.coords, batch.offsets, cond_latents.to(device), sampler, gen)
-    return Generated(latents, decode_gaussians(decoder, coords_N3, latents))
+    return Generated(latents, decode_gaussians(decoder, coords_N3, latents, latent))
 
 
 @torch.no_grad()

@@ -201,7 +201,7 @@ class SMDiT(nn.Module):
         self.cfg = cfg
         D, C = cfg.width, cfg.in_channels
         self.vox_in = nn.Linear(8 * C, D)  # on the 2^3 children gathered into channels: a kernel-2 stride-2 conv
-        self.img_in = nn.Linear(4 * C, D)  # 2x2 image patches
+        self.img_in = nn.Linear(4 * cfg.cond_channels, D)  # 2x2 image patches
         self.t_embed = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
         self.null_cond = nn.Parameter(torch.zeros(D))
         block = CrossDiTBlock if cfg.arch == "dit" else DoubleStreamBlock
@@ -235,8 +235,8 @@ class SMDiT(nn.Module):
 
     def image_tokens(self, cond_BCHW: torch.Tensor) -> torch.Tensor:
         B, C, h, w = cond_BCHW.shape
-        if C != self.cfg.in_channels or h % 2 or w % 2:
-            raise ValueError(f"conditioning latents must be (B, {self.cfg.in_channels}, even h, even w), got "
+        if C != self.cfg.cond_channels or h % 2 or w % 2:
+            raise ValueError(f"conditioning latents must be (B, {self.cfg.cond_channels}, even h, even w), got "
                              f"{tuple(cond_BCHW.shape)}")
         patches = cond_BCHW.unfold(2, 2, 2).unfold(3, 2, 2)  # (B, C, h/2, w/2, 2, 2)
         return self.img_in(patches.permute(0, 2, 3, 1, 4, 5).reshape(B * (h // 2) * (w // 2), 4 * C))

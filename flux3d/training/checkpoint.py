@@ -169,6 +169,11 @@ def load_train_state(run: Storage, ckpt: Checkpoint) -> dict[str, Any]:
     return json.loads(run.read_bytes(f"{ckpt.rel}/state.json"))
 
 
+def names_checkpoint(path: str) -> bool:
+    """Whether `path` names one checkpoint folder (step_XXXXXXX), not a run directory."""
+    return _STEP.match(posixpath.basename(path.rstrip("/"))) is not None
+
+
 def resolve(path: str) -> tuple[Storage, Checkpoint]:
     """A run directory (its newest checkpoint) or one checkpoint folder -> (run storage, checkpoint)."""
     stripped = path.rstrip("/")
@@ -184,6 +189,18 @@ def resolve(path: str) -> tuple[Storage, Checkpoint]:
     if ckpt is None:
         raise ValueError(f"no complete checkpoint under {path}/checkpoints")
     return run, ckpt
+
+
+def decodes_latent(smdit_cfg: TrainConfig, decoder_path: str) -> bool:
+    """Whether the SMDiT's samples are `decoder_path`'s own latent (the Enc-Dec variant, `flow.latents`) rather
+    than FLUX features. An SMDiT trained on another decoder's latent is refused: its samples mean nothing there."""
+    if not smdit_cfg.flow.latents:
+        return False
+    (mine, at), (given, given_at) = resolve(smdit_cfg.flow.latents), resolve(decoder_path)
+    if mine.url != given.url or at.step != given_at.step:
+        raise ValueError(f"the SMDiT diffuses the latent of {mine.path(at.rel)}; decode its samples with that "
+                         f"decoder, not {given.path(given_at.rel)}")
+    return True
 
 
 def load_model(path: str, which: str = "ema", device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:

@@ -295,6 +295,16 @@ def make_dataset(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: 
     )
 
 
+def every_sample(urls: Sequence[str], batch_size: int) -> wds.DataPipeline:
+    """Every sample of `urls` once, in shard order, with voxels only (no views, sigma or conditioning), the same in
+    every process: no split by rank or worker, for figures all ranks must agree on (the Enc-Dec latent
+    statistics)."""
+    want = Want(views=0, sigma=False, cond=False, background="black")
+    return wds.DataPipeline(wds.SimpleShardList(list(urls)), ReadRanges(0, 0, want, skip_bad_sample),
+                            wds.map(decode_images, handler=skip_bad_sample),
+                            wds.batched(batch_size, collation_fn=collate, partial=True))
+
+
 def make_loader(urls: str | Sequence[str], *, batch_size: int, num_workers: int, pin_memory: bool = False,
                 prefetch_factor: int = 2, **dataset_kw: Any) -> wds.WebLoader:
     """A DataLoader over `make_dataset(urls, batch_size=..., **dataset_kw)`; it yields the dataset's batches as

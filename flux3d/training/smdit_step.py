@@ -4,6 +4,11 @@ The conditioning view comes from the shards either as FLUX latents (`shard.cond 
 an image (docs/shards.md says why), which a frozen copy of the configured FLUX encoder turns into latents on the
 training device. Latent statistics come from the dataset version's stats.json (train split) and are stored in the
 model as buffers, so a checkpoint samples without the shards.
+
+The Enc-Dec variant (`flow.latents`, paper Tab. 3) diffuses an encoder-decoder's 8-channel latent instead: a frozen
+copy of that finished decoder encodes each batch's FLUX features on the training device (TRELLIS encodes its SLat
+once, offline; here the latent follows the decoder run it names, with no second dataset to keep in step), and
+the statistics are those of the encoded train split.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from flux3d.config.training import TrainConfig
 from flux3d.features.vae import ConditionEncoder
 from flux3d.models.flow_matching import flow_matching_loss, logit_normal, normalize
 from flux3d.models.smdit import SMDiT, smdit_layout
-from flux3d.training.data import Batch, LayoutFn
+from flux3d.models.sparse import SparseBatch
+from flux3d.training.data import Batch, LayoutFn, every_sample, shard_urls
 from flux3d.training.step import Step, unwrap
 
 log = logging.getLogger(__name__)
@@ -36,11 +42,15 @@ class SMDiTStep(Step):
         f = cfg.flow
         self.cond_encoder = ConditionEncoder(f.encoder, f.encoder_location, f.cond_resolution, device)
         self._decoder: tuple[int, nn.Module] | None = None  # (step, decoder) for the image grids
+        self.latents = EncDecLatents(cfg, device) if f.latents else None
 
     def build_model(self) -> nn.Module:
         model = SMDiT(self.cfg.smdit)
         if self.cfg.flow.normalize:
-            model.set_latent_stats(self.stats["mu_mean"], self.stats["mu_std"])
+            d, f = self.cfg.data, self.cfg.flow
+            mean, std = (self.latents.stats(shard_urls(d.shards, d.split), f.latent_stats_assets, d.batch_size)
+                         if self.latents else (self.stats["mu_mean"], self.stats["mu_std"]))
+            model.set_latent_stats(mean, std)
         model.set_runtime(self.cfg.scale.grad_checkpointing, self.cfg.scale.attention)
         return model
 
@@ -53,7 +63,7 @@ class SMDiTStep(Step):
         v, f = batch.voxels, self.cfg.flow
         B = v.batch_size
         cond = self.cond_encoder(batch.cond)
-        z0 = normalize(unwrap(model), v.feats.float())
+        z0 = normalize(unwrap(model), self.latents(v) if self.latents else v.feats.float())
         t = logit_normal(B, f.logit_normal_mean, f.logit_normal_std, gen, self.device)
         eps = torch.randn(z0.shape, generator=gen, device=self.device)
         drop = torch.rand(B, generator=gen, device=self.device) < f.cond_drop
@@ -84,22 +94,71 @@ class SMDiTStep(Step):
         from flux3d.models.flow_matching import SamplerConfig
         from flux3d.models.inference import generate
         from flux3d.models.rasterizer import render_views
-        from flux3d.training.checkpoint import load_model, resolve
+        from flux3d.training.checkpoint import load_model, names_checkpoint, resolve
 
         try:  # the decoder may be training alongside (flows/train.py): use its newest checkpoint, if any yet
             run, ckpt = resolve(self.cfg.run.decoder_run)
         except ValueError as e:
             log.info("no image grid at this step: %s", e)
             return None
-        if self._decoder is None or self._decoder[0] != ckpt.step:
+        if self.latents:  # its samples are that decoder's latents
+            self._decoder = (ckpt.step, self.latents.decoder)
+        elif self._decoder is None or self._decoder[0] != ckpt.step:
             self._decoder = (ckpt.step, load_model(run.path(ckpt.rel), device=self.device)[0])
         decoder = self._decoder[1]
         v = batch.voxels
         was = model.training
         model.eval()
         g = generate(unwrap(model), decoder, self.cond_encoder(batch.cond[:1]),
-                     v.coords[:int(v.offsets[1]), 1:], SamplerConfig(steps=10)).gaussians
+                     v.coords[:int(v.offsets[1]), 1:], SamplerConfig(steps=10), latent=bool(self.latents)).gaussians
         model.train(was)
         H, W = batch.images.shape[-2:]
         pred = render_views([g], batch.K[:1], batch.w2c[:1], H, W, batch.background[:1])
         return make_grid(torch.cat([batch.images[:1, 0], pred[:, 0].clamp(0, 1)]), nrow=1)
+
+
+class EncDecLatents:
+    """`flow.latents`: a frozen encoder-decoder (EMA weights) mapping a batch's FLUX features to its latent."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        from flux3d.config.training import from_dict
+        from flux3d.training.checkpoint import load_model, names_checkpoint, resolve
+
+        run, ckpt = resolve(cfg.flow.latents)
+        dcfg = from_dict(TrainConfig, ckpt.meta["config"])
+        if dcfg.kind != "decoder" or not dcfg.decoder.latent_channels:
+            raise ValueError(f"flow.latents = {cfg.flow.latents} is not an encoder-decoder run "
+                             "(a decoder run with decoder.latent_channels > 0)")
+        if not names_checkpoint(cfg.flow.latents) and ckpt.step < dcfg.run.steps:
+            raise ValueError(f"{run.url} is at step {ckpt.step} of {dcfg.run.steps}: its latent space still moves "
+                             "until it finishes (name one checkpoint folder to train on it anyway)")
+        if cfg.smdit.in_channels != dcfg.decoder.latent_channels:
+            raise ValueError(f"smdit.in_channels = {cfg.smdit.in_channels}, but {run.url} has "
+                             f"{dcfg.decoder.latent_channels} latent channels")
+        if dcfg.data.shards.rstrip("/") != cfg.data.shards.rstrip("/"):
+            log.warning("the encoder-decoder %s was trained on %s, the SMDiT trains on %s", run.url,
+                        dcfg.data.shards, cfg.data.shards)
+        self.decoder = load_model(run.path(ckpt.rel), device=device)[0].requires_grad_(False)
+        log.info("diffusing the %d-channel latent of %s at step %d", dcfg.decoder.latent_channels, run.url, ckpt.step)
+
+    @torch.no_grad()
+    def __call__(self, voxels: SparseBatch) -> torch.Tensor:
+        return self.decoder.encode(voxels.feats.float(), voxels.coords, voxels.offsets).float()
+
+    def stats(self, urls: list[str], assets: int, batch_size: int) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the latents of the first `assets` samples in shard order (every rank reads
+        the same ones, so every rank normalises alike)."""
+        total, count = None, 0
+        device = next(self.decoder.parameters()).device
+        for batch in every_sample(urls, batch_size):
+            z = self(batch.voxels.to(device)).double()
+            sums = torch.stack([z.sum(0), (z * z).sum(0)])
+            total, count = (sums if total is None else total + sums), count + len(z)
+            assets -= len(batch.keys)
+            if assets <= 0:
+                break
+        if total is None:
+            raise ValueError(f"no samples in {urls[:3]} to take latent statistics from")
+        mean = total[0] / count
+        std = (total[1] / count - mean * mean).clamp_min(0).sqrt()
+        return mean.tolist(), std.tolist()
