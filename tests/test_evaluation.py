@@ -103,6 +103,7 @@ def test_evaluate_writes_a_complete_consistent_report(report):
         assert s[k] == pytest.approx(np.mean([a[k] for a in doc["assets"]]))
     assert 0 < s["recon_ssim"] <= 1 and 0 < s["gen_ssim"] <= 1 and s["fd_inception"] >= 0
     assert doc["metrics"]["psnr"] == s["gen_psnr"] and doc["config"]["sampler_steps"] == 10
+    assert doc["variant"] == "Dec-Only" and not any("lossy WebP" in c for c in doc["caveats"])  # lossless truth
     md = (run / "eval" / "report.md").read_text()
     for table in ("Reconstruction (paper Tab. 2)", "Generation (paper Tab. 3)", "Multi-view consistency"):
         assert table in md
@@ -141,10 +142,12 @@ def test_sample_keys_is_seeded_and_bounded(dataset):
 
 
 @pytest.fixture(scope="module")
-def enc_dec(tmp_path_factory, dataset):
+def enc_dec(tmp_path_factory, synthetic_shards):
     """The Enc-Dec variant (paper Tab. 3): an encoder-decoder with an 8-channel latent, and an SMDiT trained on
-    that latent (`flow.latents`), laid out as a pipeline's run folder."""
-    tmp, ds = tmp_path_factory.mktemp("encdec"), dataset
+    that latent (`flow.latents`), laid out as a pipeline's run folder; views stored as lossy WebP q95."""
+    tmp = tmp_path_factory.mktemp("encdec")
+    ds = synthetic_shards(3, views=16, resolution=64, voxels=16, supervision_views=16, cond_views=2,
+                          cond_resolution=64, image_quality=95)
     base = {"data.shards": ds.version_dir, "run.image_every": 0, "run.steps": 20, "run.ckpt_every": 20}
     run = tmp / "runs" / "v"
     fit(apply_overrides(recipe("decoder", "debug"), {**base, "run.out": str(run / "decoder"),
@@ -198,3 +201,4 @@ def test_evaluate_an_enc_dec_run_generates_with_the_8_channel_smdit(enc_dec, tra
     assert math.isfinite(doc["summary"]["gen_psnr"]) and math.isfinite(doc["summary"]["recon_psnr"])
     md = (run / "eval" / "report.md").read_text()
     assert any(line.startswith("| this run (Enc-Dec)") for line in md.splitlines())
+    assert any("lossy WebP" in c for c in doc["caveats"])  # q95 ground truth caps PSNR: the report says so

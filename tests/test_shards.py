@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import webdataset as wds
 
 from flux3d.shards.format import decode_image, decode_sample, encode_image, encode_sample
@@ -103,3 +104,18 @@ def test_a_killed_writer_leaves_no_partial_shard_and_resumes_to_identical_bytes(
     list(ShardSet(Storage(killed), "shards/v", MAX_BYTES).write("train", rest))
     assert _visible(killed) == _visible(clean)
     assert Storage(killed).sweep_tmp("shards/v", min_age_s=0) == 1
+
+
+def test_is_lossless_tells_the_stored_views_encoding():
+    from flux3d.shards.format import encode_image, is_lossless
+
+    rgba = np.random.default_rng(0).integers(0, 256, (32, 32, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[:8, :8, 3] = 0  # with transparency: lossy views then carry an ALPH chunk before their VP8 one
+    for opaque in (False, True):
+        img = rgba.copy()
+        if opaque:
+            img[..., 3] = 255
+        assert is_lossless(encode_image(img, 100)) and not is_lossless(encode_image(img, 95))
+    with pytest.raises(ValueError, match="not a WebP"):
+        is_lossless(b"\x89PNG\r\n\x1a\n" + bytes(20))

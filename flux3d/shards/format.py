@@ -106,3 +106,17 @@ def encode_image(rgba: np.ndarray, quality: int) -> bytes:
     Image.fromarray(rgba, "RGBA").save(buf, format="WEBP", quality=quality, lossless=lossless, exact=lossless,
                                        method=4)
     return buf.getvalue()
+
+
+def is_lossless(data: bytes) -> bool:
+    """Whether a stored view is lossless WebP (a VP8L bitstream, `image_quality = 100`): walks the RIFF chunks
+    (VP8X and ALPH may come first) to the image bitstream's chunk; lossy views carry a VP8 one instead."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        raise ValueError("not a WebP image")
+    at = 12
+    while at + 8 <= len(data):
+        fourcc, size = data[at:at + 4], int.from_bytes(data[at + 4:at + 8], "little")
+        if fourcc in (b"VP8L", b"VP8 "):
+            return fourcc == b"VP8L"
+        at += 8 + size + (size & 1)  # chunks are padded to even sizes
+    raise ValueError("a WebP image without an image bitstream")
