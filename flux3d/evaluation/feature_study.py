@@ -99,12 +99,14 @@ def decoder_run_config(cfg: Config, storage: Storage, study: StudyConfig, name: 
 def run_encoder(cfg: Config, study: StudyConfig, name: str, storage: Storage, catalog: Catalog) -> dict[str, Any]:
     """Encode, shard, train and evaluate one encoder's row, skipping each step whose output is there."""
     from flux3d.evaluation.evaluate import evaluate
+    from flux3d.features.encode import encode_params
     from flux3d.pipeline.encode import run_encode
     from flux3d.pipeline.shard import run_shard
     from flux3d.training import checkpoint as ckpt_io
     from flux3d.training.trainer import fit
 
     ecfg = encoder_config(cfg, name, study.locations.get(name))
+    reinstate_features(catalog, storage, encode_params(ecfg))
     encoded = run_encode(ecfg, storage, catalog)
     shards = run_shard(ecfg, storage, catalog, mark_latest=False)
     stats = shards.stats
@@ -132,6 +134,35 @@ def run_encoder(cfg: Config, study: StudyConfig, name: str, storage: Storage, ca
             "report": f"{eval_out}/report.md",
             "work": {"encoded": encoded.processed, "sharded": not shards.up_to_date, "trained": trained,
                      "evaluated": report.get("_fresh", True)}}
+
+
+def reinstate_features(catalog: Catalog, storage: Storage, params: str) -> int:
+    """Make an asset's earlier ok encode result for `params` its newest again when its feature file is still there.
+
+    The catalog keeps one current result per asset and stage (the newest), and the study encodes every asset once
+    per encoder, so after a run each asset's current encode result is the last encoder's. Features of the others
+    stay on disk (features/<encoder>/), so a re-run re-records their results instead of encoding again; `shard`
+    then finds the assets encoded with these params. Returns how many results were re-recorded."""
+    import pyarrow.compute as pc
+
+    from flux3d.features.encode import FEATURE_COLUMNS
+    from flux3d.records import OK, StageResult
+
+    history = catalog.results("encode", dedupe=False)  # newest first
+    if history is None:
+        return 0
+    current = catalog.results("encode", ["params"])
+    stale = set(current.filter(pc.not_equal(current["params"], params))["sha256"].to_pylist())
+    mine = history.filter(pc.and_(pc.equal(history["params"], params), pc.equal(history["state"], OK)))
+    restored, seen = [], set()
+    for row in mine.to_pylist():
+        sha = row["sha256"]
+        if sha in stale and sha not in seen and storage.fs.exists(row["features_path"]):
+            seen.add(sha)
+            restored.append(StageResult(sha, OK, seconds=row["seconds"],
+                                        columns={c: row[c] for c in FEATURE_COLUMNS.names}))
+    catalog.write_results("encode", params, restored, FEATURE_COLUMNS)
+    return len(restored)
 
 
 def _reusable_report(run: Storage, ecfg: Any, step: int) -> dict[str, Any] | None:
