@@ -16,9 +16,9 @@ import torch
 from flux3d.config.features import EncodeConfig
 from flux3d.features.encoders import PooledRGB, load_feature_encoder
 
-TINY_KL = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-               norm_num_groups=8)
+TINY_KL = {"in_channels": 3, "out_channels": 3, "block_out_channels": (8, 16), "layers_per_block": 1,
+           "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
+           "norm_num_groups": 8}
 
 
 def _tiny_sdxl_vae(folder: str) -> str:
@@ -205,7 +205,7 @@ def test_study_features_end_to_end_and_a_rerun_redoes_nothing(tmp_path):
     _catalog_of(ds)
     vae = _tiny_sdxl_vae(str(tmp_path / "sdxl-vae"))
     config = tmp_path / "study.toml"
-    config.write_text(f"""
+    config.write_text("""
 [render]
 views = 8
 resolution = 32
@@ -223,10 +223,10 @@ val_fraction = 0.0
 image_quality = 100
 [train]
 decoder_recipe = "debug"
-decoder = {{run = {{steps = 2, ckpt_every = 2, log_every = 1, image_every = 0}}}}
+decoder = {run = {steps = 2, ckpt_every = 2, log_every = 1, image_every = 0}}
 [evaluate]
 recipe = "debug"
-changes = {{resolution = 32}}
+changes = {resolution = 32}
 """)
     args = ["study", "features", "--root", str(ds.root / "data"), "--config", str(config), "--encoders",
             "rgb,sdxl_vae", "--location", f"sdxl_vae={vae}", "--split", "all"]
