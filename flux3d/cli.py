@@ -360,9 +360,10 @@ def demo(root: RootOpt = None) -> None:
 
 
 # The model commands live in their own module (training, generation, evaluation); registered here.
-from flux3d.cli_models import evaluate, generate, train_app  # noqa: E402 - after `app` exists
+from flux3d.cli_models import evaluate, generate, study_app, train_app  # noqa: E402 - after `app` exists
 
 app.add_typer(train_app, name="train")
+app.add_typer(study_app, name="study")
 app.command()(generate)
 app.command()(evaluate)
 

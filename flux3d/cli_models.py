@@ -1,4 +1,5 @@
-"""The model commands of `flux3d`: `train decoder|smdit`, `generate` (and `evaluate`, flux3d.evaluation)."""
+"""The model commands of `flux3d`: `train decoder|smdit`, `generate`, `evaluate` and `study features`
+(flux3d.evaluation)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import typer
 
 train_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Train the DA-SLAT decoder or the SMDiT on a dataset version (Ray Train).")
+
+study_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="Studies over trained decoders (paper Tab. 2b: which input feature).")
 
 RecipeOpt = Annotated[str, typer.Option("--recipe", help="Named run: debug (CPU, minutes) | paper (Tab. 6).")]
 ShardsOpt = Annotated[Optional[str], typer.Option("--shards", help="Dataset version folder (shards/<version>).")]
@@ -162,3 +166,45 @@ def evaluate(
     typer.echo(f"evaluated {doc['count']} assets ({doc['seconds_per_asset']:.1f} s each); report: {out}/report.md")
     for k, v in sorted(doc["summary"].items()):
         typer.echo(f"  {k:<16} {v:.4f}")
+
+
+@study_app.command("features")
+def study_features(
+    encoders: Annotated[str, typer.Option("--encoders", help="Comma-separated encode.encoder names, one row each: "
+                                                             "rgb, taef1, flux_vae, sdxl_vae, dinov2.")],
+    root: Annotated[Optional[str], typer.Option("--root", help="Data root whose assets are rendered, curated and "
+                                                               "voxelized (`flux3d data`).")] = None,
+    config: Annotated[Optional[str], typer.Option("--config", help="The run's TOML: [train] decoder recipe and "
+                                                                   "changes, [evaluate], encode settings.")] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="Pipeline recipe under --config: paper | "
+                                                                   "debug.")] = None,
+    location: Annotated[Optional[list[str]], typer.Option("--location", help="Weights of one encoder: "
+                                                                             "NAME=PATH (repeatable).")] = None,
+    out: Annotated[str, typer.Option("--out", help="Study folder under the root.")] = "studies/features",
+    split: Annotated[str, typer.Option("--split", help="Evaluation split: val | train | all.")] = "val",
+) -> None:
+    """The input-feature study (paper Tab. 2b): per encoder encode, shard, train the same decoder recipe and
+    evaluate reconstruction; a table beside the paper's rows. Finished steps are skipped on a re-run."""
+    from flux3d.config.load import load_config
+    from flux3d.evaluation.feature_study import StudyConfig, run_study
+
+    _logging()
+    try:
+        locations = dict(_pair(item) for item in location or [])
+        cfg = load_config(config, {"storage.root": root} if root else None, recipe=recipe)
+        study = StudyConfig(encoders=[e.strip() for e in encoders.split(",") if e.strip()], locations=locations,
+                            out=out, split=split)
+        doc = run_study(cfg, study)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    for r in doc["rows"]:
+        typer.echo(f"{r['encoder']:<10} SSIM {r['ssim']:.4f}  PSNR {r['psnr']:.2f}  LPIPS {r['lpips']:.5f}  "
+                   f"({r['channels']} ch, {r['steps']} steps, version {r['dataset_version']})")
+    typer.echo(f"report: {cfg.storage.root.rstrip('/')}/{out}/report.md")
+
+
+def _pair(item: str) -> tuple[str, str]:
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--location takes NAME=PATH, got {item!r}")
+    return name.strip(), path

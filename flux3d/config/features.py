@@ -6,6 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BACKGROUNDS = ("white", "black", "grey")
+ENCODER_CHANNELS = {"flux_vae": 16, "taef1": 16, "sdxl_vae": 4, "dinov2": 1024, "rgb": 3}
+"""Feature channels per voxel of each `encode.encoder` with its released weights (a test's tiny DINOv2 differs:
+the shards' stats.json records what the features hold)."""
+FLUX_ENCODERS = ("flux_vae", "taef1")
+"""Encoders into FLUX's latent space, the only one the SMDiT and its conditioning encoder work in."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -23,10 +28,14 @@ class VoxelizeConfig:
 @dataclass(kw_only=True, slots=True)
 class EncodeConfig:
     encoder: str = "flux_vae"
-    """flux_vae (the FLUX.1 AutoencoderKL, the paper's) | taef1 (AutoencoderTiny, same latent space, ~40x cheaper)."""
+    """flux_vae (the FLUX.1 AutoencoderKL, the paper's) | taef1 (AutoencoderTiny, same latent space, ~40x cheaper);
+    for the input-feature study (paper Tab. 2b; decoders only): sdxl_vae (4 channels) | dinov2 (ViT-L/14 with
+    registers, 1024-channel patch tokens at 518 px, TRELLIS's) | rgb (pixels pooled 8x, 3 channels, no weights)."""
     location: str = ""
-    """Local weights: a diffusers folder (or hub id) for flux_vae, the encoder .safetensors for taef1.
-    "" = black-forest-labs/FLUX.1-schnell for flux_vae (downloads only when online); taef1 needs a path."""
+    """Local weights: a diffusers folder (or hub id) for flux_vae and sdxl_vae, the encoder .safetensors for taef1,
+    a state-dict file or timm model folder for dinov2. "" = black-forest-labs/FLUX.1-schnell for flux_vae,
+    stabilityai/sdxl-vae for sdxl_vae, timm's vit_large_patch14_reg4_dinov2.lvd142m for dinov2 (each downloads
+    only when online); taef1 needs a path, rgb none."""
     decoder: str = ""
     """taef1 only: the decoder .safetensors, for previews and checks (encoding does not need it)."""
     device: str = "auto"
@@ -49,8 +58,11 @@ class EncodeConfig:
     """Assets in flight (threads sharing one model: image decoding overlaps the forward passes)."""
 
     def __post_init__(self) -> None:
-        if self.encoder not in ("flux_vae", "taef1"):
-            raise ValueError(f"encode.encoder must be flux_vae or taef1, got {self.encoder!r}")
+        if self.encoder not in ENCODER_CHANNELS:
+            raise ValueError(f"encode.encoder must be one of {sorted(ENCODER_CHANNELS)}, got {self.encoder!r}")
+        if self.cond_latents and self.encoder not in FLUX_ENCODERS:
+            raise ValueError(f"encode.cond_latents feeds the SMDiT, which works in FLUX's latent space: not with "
+                             f"encode.encoder = {self.encoder}")
         if self.encoder == "taef1" and not self.location:
             raise ValueError("encode.encoder = taef1 needs encode.location (the taef1 encoder .safetensors)")
         if self.device not in ("auto", "cpu", "cuda") or self.dtype not in ("auto", "float32", "bfloat16"):

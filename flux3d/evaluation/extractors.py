@@ -22,27 +22,24 @@ grid sides (release / ours), P = n * n patches, T = 1 + grid tokens.
 from __future__ import annotations
 
 import logging
-import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flux3d.training.perceptual import load_exact, read_state_dict
+from flux3d.features.dinov2 import (  # noqa: F401 - dinov2_state: re-exported beside the model it fills
+    DINOV2_TIMM_NAMES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    dinov2_model,
+    dinov2_state,
+    load_dinov2,
+)
+from flux3d.weights import load_exact, read_state_dict
 
 logger = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-DINOV2_TIMM_NAMES = {
-    "vits14": "vit_small_patch14_dinov2.lvd142m",
-    "vitb14": "vit_base_patch14_dinov2.lvd142m",
-    "vitl14": "vit_large_patch14_dinov2.lvd142m",
-}
-"""DINOv2 variants with a plain MLP; ViT-g/14 is left out (its SwiGLU keys would need another mapping)."""
 
 EXTRACTORS = ("inception_v3", *(f"dinov2_{v}" for v in DINOV2_TIMM_NAMES), "clip")
 
@@ -123,60 +120,18 @@ def inception_v3(weights: str | None, *, allow_random: bool = False) -> FeatureE
                             mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def dinov2_model(variant: str, img_size: int = 224) -> nn.Module:
-    """The timm DINOv2 ViT (random init, no classifier) whose state dict keys the loader fills."""
-    import timm
-
-    if variant not in DINOV2_TIMM_NAMES:
-        raise ValueError(f"DINOv2 variant must be one of {sorted(DINOV2_TIMM_NAMES)}, got {variant!r}")
-    return timm.create_model(DINOV2_TIMM_NAMES[variant], pretrained=False, num_classes=0, img_size=img_size)
-
-
-def dinov2_pos_embed(pos_1TD: Tensor, num_patches: int) -> Tensor:
-    """Resample a (1, 1 + m*m, D) position table to n*n = `num_patches` patches exactly as DINOv2's
-    `interpolate_pos_encoding` does for an n*14 px input: bicubic, no antialias, scale factor (n + 0.1) / m."""
-    m, n = math.isqrt(pos_1TD.shape[1] - 1), math.isqrt(num_patches)
-    if m * m != pos_1TD.shape[1] - 1 or n * n != num_patches:
-        raise ValueError(f"position table of {pos_1TD.shape[1]} tokens is not 1 + a square grid (or "
-                         f"{num_patches} patches are not square)")
-    if m == n:
-        return pos_1TD
-    grid_1Dmm = pos_1TD[:, 1:].float().reshape(1, m, m, -1).permute(0, 3, 1, 2)
-    # The +0.1 offset (facebookresearch/dino#8) makes the output size floor(m * s) = n while the sampling grid uses
-    # s itself, so resampling to size=(n, n) would give slightly different tables than the DINOv2 hub model uses.
-    grid_1Dnn = F.interpolate(grid_1Dmm, scale_factor=((n + 0.1) / m, (n + 0.1) / m), mode="bicubic",
-                              antialias=False)
-    assert grid_1Dnn.shape[-2:] == (n, n), grid_1Dnn.shape
-    grid_1PD = grid_1Dnn.permute(0, 2, 3, 1).reshape(1, n * n, -1)
-    return torch.cat([pos_1TD[:, :1].float(), grid_1PD], dim=1).to(pos_1TD.dtype)
-
-
-def dinov2_state(state: Mapping[str, Tensor], num_patches: int) -> dict[str, Tensor]:
-    """A DINOv2 state dict in timm keys for a model with `num_patches` patches.
-
-    Accepts timm's format (e.g. timm/vit_large_patch14_dinov2.lvd142m, 518 px table) and the original
-    facebookresearch release (`dinov2_vitl14_pretrain.pth`, the torch.hub model with block_chunks=0): for the plain
-    MLP variants its keys are timm's plus `mask_token`, a masked-image-modelling token unused at inference. The
-    chunked-block training checkpoints (`blocks.0.N.*`) are not mapped; their keys come back as unexpected.
-    """
-    out = {k: v for k, v in state.items() if k != "mask_token"}
-    if "pos_embed" in out:
-        out["pos_embed"] = dinov2_pos_embed(out["pos_embed"], num_patches)
-    return out
-
-
 def dinov2(weights: str | None, variant: str = "vitl14", *, allow_random: bool = False) -> FeatureExtractor:
     """DINOv2 CLS features at 224 px (dgm-eval: bicubic resize to 224 x 224, ImageNet normalisation)."""
     _require(weights, allow_random, f"dinov2_{variant}")
+    if variant not in DINOV2_TIMM_NAMES:
+        raise ValueError(f"DINOv2 variant must be one of {sorted(DINOV2_TIMM_NAMES)}, got {variant!r}")
     if weights is None:
         net = dinov2_model(variant)
     else:
-        # Built on the meta device and filled by assignment: ViT-L's random init alone takes ~10 s on 2 CPU cores.
-        with torch.device("meta"):
-            net = dinov2_model(variant)
-        state = dinov2_state(read_state_dict(weights, f"dinov2_{variant}"), net.patch_embed.num_patches)
-        load_exact(net, {k: v.float() for k, v in state.items()}, f"dinov2_{variant} weights {weights}",
-                   assign=True)
+        if not os.path.isfile(weights):  # load_dinov2 also reads timm folders; FD takes one file, as documented
+            raise ValueError(f"dinov2_{variant}: weights must be a local file, {weights!r} is not one (nothing is "
+                             "downloaded)")
+        net = load_dinov2(weights, variant, img_size=224)
     return FeatureExtractor(net, name=f"dinov2_{variant}", num_features=net.num_features, size=224,
                             interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 

@@ -1,12 +1,14 @@
-"""The encode stage on one asset: its views through the FLUX VAE, latents projected onto its voxels (DA-SLAT).
+"""The encode stage on one asset: its views through the FLUX VAE (or another `encode.encoder`, features/encoders.py),
+latents projected onto its voxels (DA-SLAT).
 
-Output `features/<encoder>/<sha>.npz` (written atomically), read by `flux3d shard`:
+Output `features/<encoder>/<sha>.npz` (written atomically), read by `flux3d shard`; C is the encoder's channel
+count (16 for FLUX; mu's shape records it):
 
     coords   uint8 (N, 3)     the voxelize stage's active voxels
-    mu       float16 (N, 16)  per-voxel mean over the views of the bilinearly sampled latent mean
-    sigma    float16 (N, 16)  the same for the latent std (0 for TAEF1, which is deterministic)
+    mu       float16 (N, C)   per-voxel mean over the views of the bilinearly sampled latent mean
+    sigma    float16 (N, C)   the same for the latent std (0 for deterministic encoders: TAEF1, DINOv2, rgb)
     seen     uint16 (N,)      views that counted for each voxel
-    cond     float16 (V, 16, h, w)  conditioning-view latents, only with encode.cond_latents
+    cond     float16 (V, 16, h, w)  conditioning-view latents, only with encode.cond_latents (FLUX encoders)
 
 float16 halves the bytes of the 360K-asset feature set; normalised FLUX latents lie within a few units, where
 float16's step (~1e-3) is far below the VAE's own noise (sigma ~ 1e-2 .. 1e-1).
@@ -24,8 +26,9 @@ import pyarrow as pa
 
 from flux3d.config.pipeline import Config
 from flux3d.curation.aesthetic import BACKGROUNDS
+from flux3d.features.encoders import FeatureEncoder
 from flux3d.features.project import aggregate
-from flux3d.features.vae import LatentEncoder, over_background
+from flux3d.features.vae import over_background
 from flux3d.records import FAILED, OK, StageResult, params_hash
 from flux3d.stages.render_layout import load_views, view_sets
 from flux3d.storage import Storage
@@ -61,9 +64,9 @@ def flatten(rgba: np.ndarray, background: str) -> np.ndarray:
     return over_background(rgba, np.asarray(BACKGROUNDS[background], np.float32) / 255)
 
 
-def encode_views(encoder: LatentEncoder, images: list[np.ndarray], background: str, batch_size: int
+def encode_views(encoder: FeatureEncoder, images: list[np.ndarray], background: str, batch_size: int
                  ) -> tuple[Any, Any]:
-    """(mu, sigma), each (V, 16, H/8, W/8) float32 on the encoder's device, `batch_size` views per forward pass."""
+    """(mu, sigma), each (V, C, h, w) float32 on the encoder's device, `batch_size` views per forward pass."""
     import torch
 
     mus, sigmas = [], []
@@ -90,7 +93,7 @@ def _depths(storage: Storage, render_dir: str, folder: str, t: dict[str, Any]) -
     return torch.from_numpy(np.stack(out))
 
 
-def encode_asset(sha256: str, render_dir: str, voxels_path: str, encoder: LatentEncoder, cfg: Config,
+def encode_asset(sha256: str, render_dir: str, voxels_path: str, encoder: FeatureEncoder, cfg: Config,
                  storage: Storage) -> StageResult:
     """Encode one asset; a missing or damaged input becomes a failed result, never an exception."""
     t0 = time.perf_counter()

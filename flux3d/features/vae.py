@@ -1,4 +1,5 @@
-"""Image encoders into FLUX.1's 16-channel latent space (8x downsampling), both through diffusers.
+"""VAE image encoders (8x downsampling) through diffusers: FLUX.1's 16-channel latent space (the paper's features)
+and, for the input-feature study (paper Tab. 2b), SDXL's 4-channel one.
 
 - `AutoencoderKL` (the FLUX.1 VAE): from a local folder or a hub id (`black-forest-labs/FLUX.1-schnell`,
   subfolder `vae`) when the machine is online. The posterior mean and std are normalised like FLUX's
@@ -7,8 +8,10 @@
   space; deterministic, so sigma = 0. The weights ship as two bare `nn.Sequential` state dicts (ComfyUI's
   `vae_approx` files); `load_taef1` maps them onto diffusers' layout: encoder indices are identical, decoder
   indices shift by one because taesd's first decoder layer is the tanh clamp that diffusers applies in `forward`.
+- `AutoencoderKL` (the SDXL VAE, `sdxl_vae`): a local diffusers folder or the hub id `stabilityai/sdxl-vae`;
+  mu = mean * scaling_factor (0.13025, no shift), sigma = std * scaling_factor, the normalisation SDXL's UNet sees.
 
-Images go in as (N, 3, H, W) floats in [0, 1]; latents come out as (N, 16, H/8, W/8) float32.
+Images go in as (N, 3, H, W) floats in [0, 1]; latents come out as (N, C, H/8, W/8) float32 (C = 16, SDXL 4).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ TAEF1_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=16, encoder_b
                     upsampling_scaling_factor=2, latent_magnitude=3, latent_shift=0.5, scaling_factor=1.0,
                     shift_factor=0.0, force_upcast=False)
 FLUX_HUB_ID = "black-forest-labs/FLUX.1-schnell"
+SDXL_VAE_HUB_ID = "stabilityai/sdxl-vae"
 
 
 def over_background(rgba: np.ndarray, background: Any) -> np.ndarray:
@@ -70,9 +74,18 @@ def load_flux_vae(location: str = FLUX_HUB_ID, subfolder: str | None = "vae") ->
     return AutoencoderKL.from_pretrained(location, subfolder=subfolder, low_cpu_mem_usage=False).eval()
 
 
+def load_sdxl_vae(location: str = SDXL_VAE_HUB_ID) -> Any:
+    """The SDXL AutoencoderKL from a diffusers VAE folder (the layout of `stabilityai/sdxl-vae`), an SDXL pipeline
+    folder (its `vae/` subfolder) or the hub id (downloads only when online)."""
+    import os
+
+    subfolder = "vae" if os.path.isfile(os.path.join(location, "vae", "config.json")) else None
+    return load_flux_vae(location, subfolder)
+
+
 @dataclass
 class LatentEncoder:
-    """One loaded VAE and how to turn its output into normalised FLUX latents."""
+    """One loaded VAE and how to turn its output into normalised latents."""
 
     vae: Any
     kind: str  # "kl" | "tiny"
@@ -88,8 +101,10 @@ class LatentEncoder:
             enc = cls(load_taef1(location, decoder), "tiny")
         elif name == "flux_vae":
             enc = cls(load_flux_vae(location or FLUX_HUB_ID), "kl")
+        elif name == "sdxl_vae":
+            enc = cls(load_sdxl_vae(location or SDXL_VAE_HUB_ID), "kl")
         else:
-            raise ValueError(f"unknown encoder {name!r}: expected taef1 or flux_vae")
+            raise ValueError(f"unknown encoder {name!r}: expected taef1, flux_vae or sdxl_vae")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":
@@ -99,8 +114,12 @@ class LatentEncoder:
             enc.vae.to(dtype=getattr(torch, dtype))
         return enc
 
+    @property
+    def channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
     def encode(self, images: Any) -> tuple[Any, Any]:
-        """(mu, sigma), each (N, 16, H/8, W/8) float32, from images (N, 3, H, W) in [0, 1]."""
+        """(mu, sigma), each (N, C, H/8, W/8) float32, from images (N, 3, H, W) in [0, 1]."""
         import torch
 
         param = next(self.vae.parameters())
@@ -111,7 +130,7 @@ class LatentEncoder:
                 return mu, torch.zeros_like(mu)
             dist = self.vae.encode(x).latent_dist
             cfg = self.vae.config
-            shift = cfg.shift_factor or 0.0
+            shift = cfg.shift_factor or 0.0  # SDXL's config has none: mean * scaling_factor
             return ((dist.mean.float() - shift) * cfg.scaling_factor, dist.std.float() * cfg.scaling_factor)
 
     def decode(self, mu: Any) -> Any:

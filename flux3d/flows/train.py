@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 
+from flux3d.config.features import ENCODER_CHANNELS
 from flux3d.config.pipeline import Config
 from flux3d.config.typecheck import merged
 from flux3d.executors.ray import connect
@@ -40,7 +41,9 @@ def run_config(cfg: Config, kind: str, version: str):  # noqa: ANN201 - TrainCon
     # The models' voxel grid is the one this pipeline voxelized at (the trainer refuses a mismatch).
     derived: dict[str, Any] = {"data": {"shards": storage.path("shards", version)}, "run": run}
     if kind == "decoder":
-        derived["decoder"] = {"gaussians": {"resolution": cfg.voxelize.resolution}}
+        # And its input width is the encoder's (the trainer refuses shards whose stats.json says otherwise).
+        derived["decoder"] = {"gaussians": {"resolution": cfg.voxelize.resolution},
+                              "in_channels": ENCODER_CHANNELS[cfg.encode.encoder]}
     else:
         derived["smdit"] = {"grid": cfg.voxelize.resolution}
         run["decoder_run"] = storage.path(t.runs, version, "decoder")

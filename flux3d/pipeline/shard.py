@@ -63,8 +63,10 @@ def kept_rows(cfg: Config, catalog: Catalog) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["sha256"])
 
 
-def run_shard(cfg: Config, storage: Storage, catalog: Catalog, map_fn: MapFn | None = None) -> ShardSummary:
-    """`map_fn(fn, items)` prepares samples in input order (threads here; the flows pass a Ray fan-out)."""
+def run_shard(cfg: Config, storage: Storage, catalog: Catalog, map_fn: MapFn | None = None,
+              mark_latest: bool = True) -> ShardSummary:
+    """`map_fn(fn, items)` prepares samples in input order (threads here; the flows pass a Ray fan-out).
+    `mark_latest=False` leaves shards/LATEST alone (a study's side versions are not the pipeline's newest)."""
     t0 = time.perf_counter()
     rows = kept_rows(cfg, catalog)
     if not rows:
@@ -106,7 +108,8 @@ def run_shard(cfg: Config, storage: Storage, catalog: Catalog, map_fn: MapFn | N
     for f in failures:
         run.reasons[f"failed:{f.reason}"] = run.reasons.get(f"failed:{f.reason}", 0) + 1
     run.stats = finish(shards, cfg, version, failed=len(failures))
-    storage.write_bytes("shards/LATEST", version.encode())
+    if mark_latest:
+        storage.write_bytes("shards/LATEST", version.encode())
     run.seconds = time.perf_counter() - t0
     return run
 
@@ -137,7 +140,7 @@ def finish(shards: ShardSet, cfg: Config, version: str, failed: int) -> dict[str
         "shards": {s: sum(1 for p in parts.values() if p["split"] == s) for s in ("train", "val")},
         "bytes": sum(r["bytes"] for r in rows),
         "bytes_per_asset": {k: v / max(len(rows), 1) for k, v in sorted(sums.field_bytes.items())},
-        "shard_config": section_params(cfg.shard), "encoder": cfg.encode.encoder,
+        "shard_config": section_params(cfg.shard), "encoder": cfg.encode.encoder, "channels": len(mean),
         "voxel_resolution": cfg.voxelize.resolution,
     }
     shards.storage.write_bytes(f"{shards.rel}/stats.json", json.dumps(stats, indent=2, sort_keys=True).encode())

@@ -3,8 +3,9 @@
 One webdataset sample per asset, key = sha256 (no dots, as webdataset splits the key at the first one). Fields:
 
     coords.npy      uint8 (N, 3)        active voxels of the 64^3 grid, sorted (x, y, z)
-    mu.npy          float16 (N, 16)     per-voxel FLUX latent mean (DA-SLAT)
-    sigma.npy       float16 (N, 16)     per-voxel FLUX latent std (all 0 for a deterministic encoder)
+    mu.npy          float16 (N, C)      per-voxel FLUX latent mean (DA-SLAT); C = 16, or the channels of the
+                                        study's other encoders (stats.json "channels")
+    sigma.npy       float16 (N, C)      per-voxel FLUX latent std (all 0 for a deterministic encoder)
     view_000.webp   RGBA                decoder-supervision views (a subset of the render's main set)
     cond_000.webp   RGBA                conditioning views, when shard.cond = images
     cond.npy        float16 (V, 16, h, w) conditioning latents, when shard.cond = latents
@@ -22,8 +23,6 @@ import json
 from typing import Any
 
 import numpy as np
-
-LATENT_CHANNELS = 16
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -52,9 +51,8 @@ def encode_sample(key: str, coords: np.ndarray, mu: np.ndarray, sigma: np.ndarra
         raise ValueError(f"sample key {key!r} must not contain a dot")
     if coords.dtype != np.uint8 or coords.ndim != 2 or coords.shape[1] != 3:
         raise ValueError(f"coords must be uint8 (N, 3), got {coords.dtype} {coords.shape}")
-    if mu.shape != (len(coords), LATENT_CHANNELS) or sigma.shape != mu.shape:
-        raise ValueError(f"mu and sigma must be (N, {LATENT_CHANNELS}) for N = {len(coords)}, got {mu.shape}, "
-                         f"{sigma.shape}")
+    if mu.ndim != 2 or len(mu) != len(coords) or sigma.shape != mu.shape:
+        raise ValueError(f"mu and sigma must be (N, C) for N = {len(coords)}, got {mu.shape}, {sigma.shape}")
     sample: dict[str, Any] = {
         "__key__": key,
         "coords.npy": npy_bytes(coords),

@@ -73,8 +73,8 @@ class Batch:
     """B samples, V = views_per_sample views each; M = total voxels of the batch (no padding).
 
     keys        list[str] (B)           asset sha256
-    voxels      SparseBatch             coords (M, 4) int32 [b, x, y, z]; feats (M, 16) float32 = mu; offsets (B+1,)
-    sigma       (M, 16) float32 | None  latent std, rows as voxels.feats (None when the step does not use it)
+    voxels      SparseBatch             coords (M, 4) int32 [b, x, y, z]; feats (M, C) float32 = mu; offsets (B+1,)
+    sigma       (M, C) float32 | None   latent std, rows as voxels.feats (None when the step does not use it)
     images      (B, V, 3, H, W) float32 supervision views (V = 0 when the step uses none) in [0, 1], composited onto `background`
     background  (B, 3) float32          0 (black) or 1 (white) per sample
     K           (B, V, 3, 3) float32    pixel intrinsics of each view at H x W (OpenCV)

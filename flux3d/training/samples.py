@@ -31,7 +31,7 @@ from fsspec.utils import merge_offset_ranges
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from flux3d.features.vae import over_background
-from flux3d.shards.format import LATENT_CHANNELS, cond_field, decode_image, read_npy, view_field
+from flux3d.shards.format import cond_field, decode_image, read_npy, view_field
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ def _assemble(fields: dict[str, bytes], key: str, choice: tuple[list[int], float
     sigma = read_npy(fields["sigma.npy"]) if want.sigma else None
     if coords.dtype != np.uint8 or coords.ndim != 2 or coords.shape[1] != 3:
         raise ValueError(f"coords are {coords.dtype} {coords.shape}, not uint8 (N, 3)")
-    if mu.shape != (len(coords), LATENT_CHANNELS) or (sigma is not None and sigma.shape != mu.shape):
+    # The channel count is the dataset's (stats.json "channels"), checked against the model when the step starts.
+    if mu.ndim != 2 or len(mu) != len(coords) or (sigma is not None and sigma.shape != mu.shape):
         raise ValueError(f"mu {mu.shape} / sigma {None if sigma is None else sigma.shape} do not match "
                          f"{len(coords)} voxels")
     cameras = json.loads(fields["cameras.json"])

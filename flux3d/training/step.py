@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from flux3d.config.features import FLUX_ENCODERS
 from flux3d.config.training import TrainConfig
 from flux3d.training.data import Batch, LayoutFn, make_loader, shard_urls
 
@@ -38,6 +39,23 @@ def read_stats(version_dir: str) -> dict[str, Any]:
         raise ValueError(f"{path} does not exist: data.shards must be a complete dataset version") from e
 
 
+def check_features(cfg: TrainConfig, stats: dict[str, Any]) -> None:
+    """The shards' features must be what the model reads: as many channels as its input, and FLUX latents for the
+    SMDiT (it denoises them and encodes its conditioning image with a FLUX encoder). The other encoders' datasets
+    are for the decoder's input-feature study (paper Tab. 2b, `flux3d study features`)."""
+    encoder = stats.get("encoder")
+    if cfg.kind == "smdit" and encoder and encoder not in FLUX_ENCODERS:
+        raise ValueError(f"{cfg.data.shards} holds {encoder} features: the SMDiT works in FLUX's latent space only "
+                         f"({' or '.join(FLUX_ENCODERS)} shards); other encoders are for decoder studies")
+    # Versions written before stats.json named its channel count have 16-channel FLUX statistics.
+    channels = stats.get("channels") or len(stats.get("mu_mean") or [])
+    field = "decoder.in_channels" if cfg.kind == "decoder" else "smdit.in_channels"
+    width = cfg.decoder.in_channels if cfg.kind == "decoder" else cfg.smdit.in_channels
+    if channels and channels != width:
+        raise ValueError(f"{cfg.data.shards} holds {channels}-channel {encoder} features but {field} = {width}: "
+                         f"set {field} = {channels}")
+
+
 class Step:
     needs_cond = False
     needs_sigma = True
@@ -54,6 +72,7 @@ class Step:
         if grid is not None and grid != model_grid:
             field = "decoder.gaussians.resolution" if cfg.kind == "decoder" else "smdit.grid"
             raise ValueError(f"{cfg.data.shards} holds {grid}^3 voxels but {field} = {model_grid}")
+        check_features(cfg, self.stats)
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError

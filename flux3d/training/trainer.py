@@ -31,7 +31,7 @@ from flux3d.storage import Storage
 from flux3d.training import checkpoint as ckpt_io
 from flux3d.training.decoder_step import DecoderStep
 from flux3d.training.smdit_step import SMDiTStep
-from flux3d.training.step import Step, read_stats, unwrap
+from flux3d.training.step import Step, check_features, read_stats, unwrap
 from flux3d.training.telemetry import Telemetry, peak_flops
 
 log = logging.getLogger(__name__)
@@ -321,6 +321,7 @@ def fit(cfg: TrainConfig, *, local: bool = False, ray_address: str | None = None
     """
     if not cfg.data.shards:
         raise ValueError("data.shards is empty: pass a dataset version folder (shards/<version>)")
+    check_features(cfg, read_stats(cfg.data.shards))  # here too: a Ray worker's error would come back wrapped
     cfg = with_feature_encoder(cfg)
     if local:
         if cfg.scale.num_workers != 1:
