@@ -82,7 +82,7 @@ def build_dataset(tmp: Path, files: list[Path], *, views: int = 24, resolution: 
 
 def synthetic_dataset(tmp: Path, assets: int, *, views: int = 8, resolution: int = 32, voxels: int = 16,
                       supervision_views: int = 8, cond_views: int = 2, cond_resolution: int = 32,
-                      encode: dict | None = None, seed: int = 0) -> Dataset:
+                      encode: dict | None = None, seed: int = 0, image_quality: int = 100) -> Dataset:
     """A dataset version of `assets` synthetic assets under tmp/data, laid out as the pipeline lays it out
     (renders/<sha>/<view set>/NNN.png + transforms.json, voxels/<sha>.npy, features/<encoder>/<sha>.npz,
     shards/<version>/...). `encode`: the config's encode section (default: the demo's tiny random VAE)."""
@@ -106,7 +106,7 @@ def synthetic_dataset(tmp: Path, assets: int, *, views: int = 8, resolution: int
         "voxelize": {"resolution": voxels},
         "encode": encode,
         "shard": {"supervision_views": supervision_views, "cond_views": cond_views, "val_fraction": 0.0,
-                  "image_quality": 100, "cond": "images"},
+                  "image_quality": image_quality, "cond": "images"},
     })
     storage = Storage(cfg.storage.root)
     rng = np.random.default_rng(seed)

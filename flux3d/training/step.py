@@ -51,6 +51,8 @@ def check_features(cfg: TrainConfig, stats: dict[str, Any]) -> None:
     channels = stats.get("channels") or len(stats.get("mu_mean") or [])
     field = "decoder.in_channels" if cfg.kind == "decoder" else "smdit.in_channels"
     width = cfg.decoder.in_channels if cfg.kind == "decoder" else cfg.smdit.in_channels
+    if cfg.kind == "smdit" and cfg.flow.latents:
+        return  # an Enc-Dec SMDiT reads the features through its frozen decoder (smdit_step.EncDecLatents)
     if channels and channels != width:
         raise ValueError(f"{cfg.data.shards} holds {channels}-channel {encoder} features but {field} = {width}: "
                          f"set {field} = {channels}")
