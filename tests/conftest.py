@@ -1,8 +1,10 @@
 """Shared paths and fixtures of the test suite.
 
 ../shared (beside the repository) holds the real assets and weights; tests that need it skip when it is absent:
-mark them `shared_assets`, or ask for the `shared_assets` / `taef1` fixtures. `prefect_server` is one real `prefect server` for the session's flow runs. `synthetic_shards` writes tiny valid
-dataset versions without Blender (tests/datasets.py), once per set of arguments per session.
+mark them `shared_assets`, or ask for the `shared_assets` / `taef1` fixtures. `prefect_server` is one real
+`prefect server` for the session's flow runs. `synthetic_shards` writes tiny valid dataset versions without Blender
+(tests/datasets.py), once per set of arguments per session. `pipeline_run` and `cluster_run` (tests/flow_runs.py)
+are the two long flow runs test_flows.py checks; they start with the session's first test when it is selected.
 """
 
 from __future__ import annotations
@@ -91,3 +93,16 @@ def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
         server, api = start_server(port=free_port(), log=str(home / "server.log"))
     yield {**prefect_env(home), "PREFECT_API_URL": api}
     stop_server(server)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _flow_runs_in_background(request: pytest.FixtureRequest) -> None:
+    """With test_flows.py selected, its two long flow runs start with the first test and go on beside the rest of
+    the suite: each keeps the 2 cores less than busy, so the suite takes minutes less than when they wait for
+    their module (tests/flow_runs.py)."""
+    if any(item.path.name == "test_flows.py" for item in request.session.items):
+        request.getfixturevalue("pipeline_run")
+        request.getfixturevalue("cluster_run")
+
+
+from tests.flow_runs import cluster_run, demo, pipeline_run  # noqa: F401 - fixtures; they import this module

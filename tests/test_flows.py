@@ -7,31 +7,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from flux3d.catalog import Catalog
-from flux3d.demo import make_demo_assets, write_demo_config
-from flux3d.isolation import stop_process_group
+from flux3d.demo import write_demo_config
 from flux3d.storage import TMP_MARK, Storage
 from tests.conftest import ASSETS as SHARED
-from tests.conftest import free_port, prefect_env
 
 STAGES = ("download", "inspect", "render", "score", "curate", "voxelize", "encode")
 # Whole flows with Blender renders: minutes each on 2 cores (the suite's 300 s default is for single stages).
-# The two long runs that other tests only read, the pipeline and the deployment's cluster run, start with the
-# module and go on in the background: a flow run keeps 2 cores under half busy (Prefect API round trips, process
-# and Ray worker start-ups), so runs side by side take far less than one after the other.
+# The two long runs that tests here only read, the pipeline and the deployment's cluster run, are session fixtures
+# (tests/flow_runs.py) that start with the suite's first test and go on in the background.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200), pytest.mark.usefixtures("pipeline_run",
                                                                                           "cluster_run")]
 
@@ -76,14 +68,6 @@ def summary_rows(out: str) -> dict[str, list[str]]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """Procedural assets and the tiny models, shared by the runs below (same paths: same dataset version)."""
-    base = tmp_path_factory.mktemp("demo")
-    make_demo_assets(str(base / "assets"))
-    return base
-
-
 def test_sigkill_mid_stage_then_rerun_matches_an_uninterrupted_run(tmp_path, env, demo, pipeline_run):
     config = write_demo_config(str(tmp_path / "run.toml"), str(demo / "models"),
                                {"flow": {"batch_size": 1, "commit_every": 1, "concurrent_batches": 2}})
@@ -125,43 +109,6 @@ def test_sigkill_mid_stage_then_rerun_matches_an_uninterrupted_run(tmp_path, env
     assert sum(len(b.keys) for b in make_loader(urls, batch_size=2, num_workers=0)) == 3
 
 
-@dataclass
-class PipelineRun:
-    """A `flux3d pipeline` command running in the background; `output()` waits for it and returns its stdout."""
-
-    root: Path
-    config: str
-    env: dict
-    proc: subprocess.Popen
-    logs: Path  # its stdout and stderr go to files: a pipe nobody reads yet could fill and stall it
-
-    def output(self, timeout: float = 1200) -> str:
-        self.proc.wait(timeout=timeout)
-        out, err = ((self.logs / name).read_text() for name in ("stdout", "stderr"))
-        assert self.proc.returncode == 0, out[-3000:] + err[-5000:]
-        return out
-
-
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, demo) -> Iterator[PipelineRun]:
-    """One `flux3d pipeline` run on the demo assets in a brand-new Prefect home (its database is created on this
-    run): the pipeline test checks it, the kill test compares its own data with this run's bytes.
-
-    It starts with the module and runs in the background (see `pytestmark`); `output()` waits for it."""
-    tmp = tmp_path_factory.mktemp("pipeline")
-    env = {**prefect_env(tmp / "prefect"), "COLUMNS": "40"}  # a narrow terminal must keep the summary's counts
-    config = write_demo_config(str(tmp / "run.toml"), str(demo / "models"))
-    root = tmp / "root"
-    assert not Path(env["PREFECT_HOME"]).exists()
-    with open(tmp / "stdout", "w") as out, open(tmp / "stderr", "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "flux3d.cli", "pipeline", "--root", str(root), "--source",
-                                 f"local:{demo / 'assets'}", "--config", config], env=env, stdout=out, stderr=err,
-                                start_new_session=True)
-    yield PipelineRun(root, config, env, proc, tmp)
-    if proc.poll() is None:  # a test failed before waiting for it
-        stop_process_group(proc, grace_s=5)
-
-
 def test_pipeline_trains_evaluates_and_a_rerun_redoes_nothing(pipeline_run, demo):
     """`flux3d pipeline` (the demo's main job): data flow, the decoder and SMDiT as Ray Train jobs, the evaluation
     report; a second run changes no file; the retrain flow's gate promotes the first model and records why."""
@@ -198,75 +145,6 @@ def test_pipeline_trains_evaluates_and_a_rerun_redoes_nothing(pipeline_run, demo
     assert promoted["model"] == str(models) and promoted["metrics"]["psnr"] == report["metrics"]["psnr"]
     (decision,) = [json.loads(line) for line in (root / "models" / "promotions.jsonl").read_text().splitlines()]
     assert decision["promoted"] and decision["reason"] == "first model: nothing to compare against"
-
-
-def start_ray_cluster(env: dict, port: int, temp_dir: str) -> subprocess.Popen:
-    """`ray start --head --block` as the leader of a new process group: the GCS, raylet and every worker it forks
-    share that group, so the test can end exactly this cluster. Returns once the cluster answers."""
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    proc = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-                             "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while subprocess.run([ray_bin, "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True,
-                         timeout=60, check=False).returncode != 0:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_process_group(proc)
-            raise RuntimeError(f"ray start --head on port {port} did not come up")
-        time.sleep(1)
-    return proc
-
-
-@dataclass
-class ClusterRun:
-    """A data run triggered through the API of `flux3d deploy`'s deployments, on a `ray start` cluster."""
-
-    root: str
-    ray_port: int
-    deployments: dict
-    run: Any  # the triggered flow run
-
-
-@pytest.fixture(scope="module")
-def cluster_run(tmp_path_factory, env, demo) -> Iterator[ClusterRun]:
-    """`flux3d deploy` serving the deployments against the module's Prefect server, and a data run triggered
-    through the API, executed on a Ray cluster started with `ray start` (the cluster path: address mode). The run
-    goes on in the background while the module's other tests run; its test waits for it.
-
-    Its sources are the real assets of ../shared when it is there (the demo assets otherwise): every good asset
-    must reach the shards and every bad one be stopped with a reason, as a cluster run sees them."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    tmp = tmp_path_factory.mktemp("cluster")
-    sources = ([f"local:{SHARED / 'good'}", f"local:{SHARED / 'bad'}"] if SHARED.is_dir()
-               else [f"local:{demo / 'assets'}"])
-    config = write_demo_config(str(tmp / "run.toml"), str(demo / "models"), {"flow": {"batch_size": 8}})
-    root = str(tmp / "root")
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-    ray_port = free_port()
-    cluster = start_ray_cluster(env, ray_port, ray_tmp)
-    serving = subprocess.Popen([sys.executable, "-m", "flux3d.cli", "deploy", "--root", root,
-                                *(a for spec in sources for a in ("--source", spec)), "--config", config,
-                                "--ray-address", f"127.0.0.1:{ray_port}", "--cron", "0 4 * * 1"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
-            deadline = time.monotonic() + 120
-            while True:
-                names = {d.name: d for d in client.read_deployments()}
-                if {"data", "pipeline", "retrain"} <= set(names):
-                    break
-                assert serving.poll() is None, serving.stderr.read().decode()[-3000:]
-                assert time.monotonic() < deadline, "deployments not registered"
-                time.sleep(1)
-            run = client.create_flow_run_from_deployment(names["data"].id)
-        yield ClusterRun(root, ray_port, names, run)
-    finally:  # their own process groups only: no machine-wide Ray shutdown. Nothing of theirs is read after this,
-        # so a short grace: a Ray node's processes can take a minute to go on SIGTERM alone.
-        stop_process_group(serving, grace_s=10)
-        stop_process_group(cluster, grace_s=5)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_deployment_with_cron_runs_on_a_ray_cluster_joined_by_address(cluster_run, env):
