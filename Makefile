@@ -17,8 +17,11 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml constraints.txt
 demo: $(VENV)/.installed-$(EXTRAS)
 	$(VENV)/bin/flux3d demo --root $(DEMO_ROOT)
 
+# Two pytest-xdist workers, a file each at a time (module fixtures stay in one process), one torch thread each:
+# the suite keeps 2 cores under one core busy when run serially, and two workers with two torch threads each
+# spend twice the CPU on contention. conftest.py hands out the longest files first.
 test: $(VENV)/.installed-$(EXTRAS)
-	$(PY) -m pytest -q --durations=15
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 bench: $(VENV)/.installed-$(EXTRAS)
 	$(PY) benchmarks/catalog.py

@@ -50,7 +50,7 @@ def main() -> None:
         per_bg = {bg: np.array([s for b, s in scores if b == bg]) for bg in (0.0, 1.0)}
         both = np.concatenate(list(per_bg.values()))
         finite = both[np.isfinite(both)]
-        fmt = (lambda x: "inf" if not np.isfinite(x) else f"{x:.2f}")  # noqa: E731 - lossless gives inf
+        fmt = (lambda x: "inf" if not np.isfinite(x) else f"{x:.2f}")  # lossless gives inf
         print(f"{quality:>8} {np.mean(sizes):>11,.0f} {fmt(np.mean(per_bg[0.0])):>11} "
               f"{fmt(np.mean(per_bg[1.0])):>11} {fmt(finite.min() if len(finite) else np.inf):>7} "
               f"{fmt(np.median(both)):>7}")

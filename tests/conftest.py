@@ -4,7 +4,7 @@
 mark them `shared_assets`, or ask for the `shared_assets` / `taef1` fixtures. `prefect_server` is one real
 `prefect server` for the session's flow runs. `synthetic_shards` writes tiny valid dataset versions without Blender
 (tests/datasets.py), once per set of arguments per session. `pipeline_run` and `cluster_run` (tests/flow_runs.py)
-are the two long flow runs test_flows.py checks; they start with the session's first test when it is selected.
+are the two long flow runs test_flows.py checks, going on in the background while its tests run.
 """
 
 from __future__ import annotations
@@ -22,6 +22,17 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 ASSETS = SHARED / "assets"
 WEIGHTS = SHARED / "weights"
 TAEF1 = WEIGHTS / "taef1_encoder.safetensors"
+
+
+# Files whose tests take a minute or more, longest first: under `make test`'s `-n 2 --dist loadfile` they go out
+# first, so no worker is left with one long file at the end while the other idles.
+LONG_FILES = ("test_flows.py", "test_smdit.py", "test_curate_run.py", "test_evaluation.py", "test_decoder.py",
+              "test_executor.py", "test_checkpoint_world_size.py", "test_ingest.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: file order otherwise kept
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -93,16 +104,6 @@ def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
         server, api = start_server(port=free_port(), log=str(home / "server.log"))
     yield {**prefect_env(home), "PREFECT_API_URL": api}
     stop_server(server)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _flow_runs_in_background(request: pytest.FixtureRequest) -> None:
-    """With test_flows.py selected, its two long flow runs start with the first test and go on beside the rest of
-    the suite: each keeps the 2 cores less than busy, so the suite takes minutes less than when they wait for
-    their module (tests/flow_runs.py)."""
-    if any(item.path.name == "test_flows.py" for item in request.session.items):
-        request.getfixturevalue("pipeline_run")
-        request.getfixturevalue("cluster_run")
 
 
 from tests.flow_runs import cluster_run, demo, pipeline_run  # noqa: F401 - fixtures; they import this module

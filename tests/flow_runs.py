@@ -1,10 +1,9 @@
-"""The two long flow runs that tests/test_flows.py checks, as session fixtures: `flux3d pipeline` on the demo assets
-and a data run triggered through `flux3d deploy`'s deployments on a `ray start` cluster.
+"""The two long flow runs that tests/test_flows.py checks: `flux3d pipeline` on the demo assets and a data run
+triggered through `flux3d deploy`'s deployments on a `ray start` cluster.
 
-Each is a `flux3d` command in its own process group, going on in the background: a flow run keeps 2 cores less
-than busy (Prefect API round trips, process and Ray worker start-ups, Blender's single-threaded scene import), so
-the session starts both with its first test when test_flows.py is selected (conftest.py) and the rest of the
-suite runs beside them; the flow tests then wait for their results.
+Each is a `flux3d` command in its own process group that starts with the first flow test and goes on in the
+background while the module's other tests run (a flow run keeps 2 cores less than busy: Prefect API round trips,
+process and Ray worker start-ups); the tests that read them wait for their results.
 """
 
 from __future__ import annotations

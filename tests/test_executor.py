@@ -70,9 +70,9 @@ def test_misbehaving_assets_are_contained(ray_local, actors):
     keys = ["ok-1", "hang-1", "boom-1", "ok-2", "die-1", "ok-3", "ok-4"]
     # One call at a time per actor: a dying asset takes down only itself (with concurrent calls, its neighbours on
     # the same actor are lost too; they are retried, but a neighbour of two deaths would be recorded lost).
-    # 15 s: far above an ok unit's run (milliseconds, plus a worker's start-up after die-1) even on 2 busy cores,
+    # 20 s: far above an ok unit's run (milliseconds, plus a worker's start-up after die-1) even on 2 busy cores,
     # and the hang costs the test that long.
-    stage = _stage(setup=(lambda: "model") if actors else None, timeout_s=15.0)
+    stage = _stage(setup=(lambda: "model") if actors else None, timeout_s=20.0)
     t0 = time.monotonic()
     out = _run(stage, keys)
     assert time.monotonic() - t0 < 120

@@ -94,7 +94,7 @@ class SMDiTStep(Step):
         from flux3d.models.flow_matching import SamplerConfig
         from flux3d.models.inference import generate
         from flux3d.models.rasterizer import render_views
-        from flux3d.training.checkpoint import load_model, names_checkpoint, resolve
+        from flux3d.training.checkpoint import load_model, resolve
 
         try:  # the decoder may be training alongside (flows/train.py): use its newest checkpoint, if any yet
             run, ckpt = resolve(self.cfg.run.decoder_run)
