@@ -48,9 +48,8 @@ def run_config(cfg: Config, kind: str, version: str):  # noqa: ANN201 - TrainCon
         derived["smdit"] = {"grid": cfg.voxelize.resolution}
         run["decoder_run"] = storage.path(t.runs, version, "decoder")
         flow = changes.get("flow", {})
-        derived["flow"] = {}
-        if "encoder" not in flow and "encoder_location" not in flow:  # the encoder the features were made with
-            derived["flow"] = {"encoder": cfg.encode.encoder, "encoder_location": cfg.encode.location}
+        derived["flow"] = ({} if "encoder" in flow or "encoder_location" in flow else  # else the features' encoder
+                           {"encoder": cfg.encode.encoder, "encoder_location": cfg.encode.location})
         latent = enc_dec_channels(cfg, version)
         if latent and "latents" not in flow:  # Enc-Dec: the SMDiT diffuses this pipeline's decoder's latent
             derived["flow"]["latents"] = run["decoder_run"]

@@ -121,11 +121,11 @@ class EncDecLatents:
     """`flow.latents`: a frozen encoder-decoder (EMA weights) mapping a batch's FLUX features to its latent."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
-        from flux3d.config.training import from_dict
         from flux3d.training.checkpoint import load_model, names_checkpoint, resolve
 
         run, ckpt = resolve(cfg.flow.latents)
-        dcfg = from_dict(TrainConfig, ckpt.meta["config"])
+        self.decoder, dcfg = load_model(run.path(ckpt.rel), device=device)
+        self.decoder.requires_grad_(False)
         if dcfg.kind != "decoder" or not dcfg.decoder.latent_channels:
             raise ValueError(f"flow.latents = {cfg.flow.latents} is not an encoder-decoder run "
                              "(a decoder run with decoder.latent_channels > 0)")
@@ -138,7 +138,6 @@ class EncDecLatents:
         if dcfg.data.shards.rstrip("/") != cfg.data.shards.rstrip("/"):
             log.warning("the encoder-decoder %s was trained on %s, the SMDiT trains on %s", run.url,
                         dcfg.data.shards, cfg.data.shards)
-        self.decoder = load_model(run.path(ckpt.rel), device=device)[0].requires_grad_(False)
         log.info("diffusing the %d-channel latent of %s at step %d", dcfg.decoder.latent_channels, run.url, ckpt.step)
 
     @torch.no_grad()

@@ -47,12 +47,12 @@ def check_features(cfg: TrainConfig, stats: dict[str, Any]) -> None:
     if cfg.kind == "smdit" and encoder and encoder not in FLUX_ENCODERS:
         raise ValueError(f"{cfg.data.shards} holds {encoder} features: the SMDiT works in FLUX's latent space only "
                          f"({' or '.join(FLUX_ENCODERS)} shards); other encoders are for decoder studies")
+    if cfg.kind == "smdit" and cfg.flow.latents:
+        return  # an Enc-Dec SMDiT reads the features through its frozen decoder (smdit_step.EncDecLatents)
     # Versions written before stats.json named its channel count have 16-channel FLUX statistics.
     channels = stats.get("channels") or len(stats.get("mu_mean") or [])
     field = "decoder.in_channels" if cfg.kind == "decoder" else "smdit.in_channels"
     width = cfg.decoder.in_channels if cfg.kind == "decoder" else cfg.smdit.in_channels
-    if cfg.kind == "smdit" and cfg.flow.latents:
-        return  # an Enc-Dec SMDiT reads the features through its frozen decoder (smdit_step.EncDecLatents)
     if channels and channels != width:
         raise ValueError(f"{cfg.data.shards} holds {channels}-channel {encoder} features but {field} = {width}: "
                          f"set {field} = {channels}")
