@@ -108,7 +108,9 @@ class AestheticScorer:
         import torch
 
         out = []
-        dtype = next(self.model.parameters()).dtype
+        # The precision `load` asked for: open_clip's fp16 keeps embeddings and norms in fp32, so the first
+        # parameter's dtype is fp32 while the patch convolution's is fp16 (the input must match the latter).
+        dtype = torch.float16 if str(self.device).startswith("cuda") else torch.float32
         with torch.inference_mode():
             for i in range(0, len(images), self.batch_size):
                 batch = torch.stack([self.preprocess(composite(im, self.background))
