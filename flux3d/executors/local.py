@@ -41,11 +41,15 @@ def run_local(stage: Stage, catalog: Catalog, *, batch_size: int, limit: int | N
     if not todo.num_rows:
         return StageSummary(stage.name)
     model = stage.setup() if stage.setup is not None else None
-    if stage.batch:
-        return run_batched(stage.name, lambda rows: stage.apply(model, rows), table_rows(todo),
-                           batch_size=stage.batch, commit=commit)
-    return run_stage(stage.name, lambda row: stage.apply(model, row), table_rows(todo), workers=stage.workers,
-                     batch_size=batch_size, commit=commit)
+    try:
+        if stage.batch:
+            return run_batched(stage.name, lambda rows: stage.apply(model, rows), table_rows(todo),
+                               batch_size=stage.batch, commit=commit)
+        return run_stage(stage.name, lambda row: stage.apply(model, row), table_rows(todo), workers=stage.workers,
+                         batch_size=batch_size, commit=commit)
+    finally:
+        if stage.teardown is not None:
+            stage.teardown(model)
 
 
 def _bounded(fn: Callable[[T], StageResult], items: Iterable[T], workers: int) -> Iterator[StageResult]:

@@ -14,7 +14,7 @@ from flux3d.config.pipeline import Config
 from flux3d.executors.local import run_local
 from flux3d.pipeline.stage import Stage, StageSummary, gpu_request
 from flux3d.records import StageResult
-from flux3d.stages.render import RENDER_COLUMNS, render_asset, render_params, render_views
+from flux3d.stages.render import RENDER_COLUMNS, BlenderSessions, render_params, render_views
 from flux3d.storage import Storage
 
 
@@ -22,12 +22,13 @@ def render_stage(cfg: Config, storage: Storage, catalog: Catalog, worker: Callab
     """`worker` is the Blender child's work (a test hook)."""
     params = render_params(cfg.render)
 
-    def one(_: None, row: dict) -> StageResult:
-        return render_asset(storage.local_copy(row["local_path"]), row["format"], row["sha256"], cfg.render,
-                            storage, worker=worker)
+    def one(sessions: BlenderSessions, row: dict) -> StageResult:
+        return sessions.render(storage.local_copy(row["local_path"]), row["format"], row["sha256"], cfg.render,
+                               storage, worker=worker)
 
     # Blender renders with every core it is given: a Ray task claims `threads` CPUs (all of a small node when 0).
     return Stage(name="render", params=params, columns=RENDER_COLUMNS, apply=one, workers=cfg.render.workers,
+                 setup=lambda: BlenderSessions(cfg.render), teardown=BlenderSessions.close,
                  plan=lambda: catalog.todo("render", params, after=["download", "inspect"],
                                            result_columns=("state", "local_path"),
                                            asset_columns=("source", "file_identifier", "sha256", "format")),

@@ -58,6 +58,8 @@ class Stage:
     """Catalog rows still to do (one per sha256 for content stages)."""
     apply: Callable[[object, object], object]
     setup: Callable[[], object] | None = None
+    teardown: Callable[[object], None] | None = None
+    """Ends what `setup` built (child processes) when a local run is done; a Ray actor's end ends them too."""
     batch: int = 0
     workers: int = 1
     """Units in flight at once per worker (local threads; concurrent calls per Ray actor)."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import uuid
 from typing import Any
@@ -35,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from flux3d.config.pipeline import RenderConfig, section_params
-from flux3d.isolation import run_isolated
+from flux3d.isolation import ChildWorker, run_isolated
 from flux3d.records import FAILED, OK, StageResult, params_hash
 from flux3d.stages.blender_render import RenderError, render_scene
 from flux3d.stages.render_layout import magenta_mask, render_rel, view_sets
@@ -58,7 +59,7 @@ RENDER_COLUMNS = pa.schema([
     ("views_seconds", pa.float64()),
 ])
 # Fields that do not change the images: a different worker count or timeout leaves finished renders valid.
-_NOT_OUTPUT = ("device", "threads", "workers", "timeout_s", "memory_mb")
+_NOT_OUTPUT = ("device", "threads", "workers", "timeout_s", "memory_mb", "assets_per_session")
 
 
 def render_params(cfg: RenderConfig) -> str:
@@ -101,6 +102,7 @@ def render_views(path: str, fmt: str, sha256: str, cfg: RenderConfig, out_dir: s
             per_view[f"{folder}/{i:03d}.png"] = view_stats(os.path.join(out_dir, folder, f"{i:03d}.png"),
                                                            cfg.blank_coverage)
     facts["views"] = per_view
+    facts["pid"] = os.getpid()  # which Blender child rendered it (one renders many assets in turn)
     main = view_sets(cfg)[0][0]
     if cfg.contact_sheet_views:
         k = min(cfg.contact_sheet_views, cfg.views)
@@ -147,17 +149,21 @@ def _columns(facts: dict[str, Any] | None = None, render_dir: str | None = None)
 
 
 def render_asset(path: str, fmt: str, sha256: str, cfg: RenderConfig, storage: Storage,
-                 worker: Any = render_views) -> StageResult:
+                 worker: Any = render_views, session: ChildWorker | None = None) -> StageResult:
     """Render one asset in a bounded child and publish `renders/<sha>/` atomically; never raises for the asset.
 
     `worker(path, fmt, sha256, cfg, out_dir) -> facts` is the child's work (a test hook; default `render_views`).
+    `session` is a Blender child kept for many assets (`BlenderSessions`); None starts one for this asset alone.
     """
     final_rel = render_rel(sha256)
     work = storage.local_dir(f"renders/{TMP_MARK}{uuid.uuid4().hex[:12]}-{sha256}")
     os.makedirs(work)
     try:
-        outcome = run_isolated(_child, path, fmt, sha256, cfg, work, worker, timeout_s=cfg.timeout_s,
-                               memory_mb=cfg.memory_mb)
+        args = (_child, path, fmt, sha256, cfg, work, worker)
+        if session is None:
+            outcome = run_isolated(*args, timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb)
+        else:
+            outcome = session.call(*args, timeout_s=cfg.timeout_s)
         if not outcome.ok:
             reason = {"crashed": "blender_crash", "error": "blender_crash"}.get(outcome.reason, outcome.reason)
             return StageResult(sha256, FAILED, reason, outcome.message, seconds=outcome.seconds, columns=_columns())
@@ -174,3 +180,28 @@ def render_asset(path: str, fmt: str, sha256: str, cfg: RenderConfig, storage: S
         return StageResult(sha256, OK, seconds=outcome.seconds, columns=columns)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+class BlenderSessions:
+    """Blender children kept across assets, one per concurrent render (`render.workers`): each renders asset after
+    asset (factory reset between them, `build_scene`), so the process start and `bpy` import are paid once per
+    `render.assets_per_session` assets instead of once per asset. A hang or crash still costs only its own asset:
+    that child is killed and the next asset gets a fresh one. Built by the stage's `setup` (once per local run or
+    Ray actor); children end with it (`close`) or, at the latest, when their parent process does."""
+
+    def __init__(self, cfg: RenderConfig) -> None:
+        self._idle: queue.LifoQueue[ChildWorker] = queue.LifoQueue()
+        for _ in range(cfg.workers):
+            self._idle.put(ChildWorker(cfg.memory_mb, max_calls=cfg.assets_per_session))
+
+    def render(self, path: str, fmt: str, sha256: str, cfg: RenderConfig, storage: Storage,
+               worker: Any = render_views) -> StageResult:
+        session = self._idle.get()  # one per concurrent caller: the stage runs at most `workers` at once
+        try:
+            return render_asset(path, fmt, sha256, cfg, storage, worker=worker, session=session)
+        finally:
+            self._idle.put(session)
+
+    def close(self) -> None:
+        while not self._idle.empty():
+            self._idle.get().close()
