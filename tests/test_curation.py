@@ -261,3 +261,23 @@ def test_tiny_scorer_matches_embedding_then_head(tmp_path):
     # The background under the transparent film is part of the input.
     scorer.background = "black"
     assert not np.allclose(scorer.score(views[:2]), scores[:2])
+
+
+def test_scorer_on_cuda_runs_fp16_and_agrees_with_cpu(tmp_path):
+    """On a GPU the scorer loads in fp16 (open_clip keeps its embeddings and norms in fp32): the batch must take the
+    patch convolution's precision, and the scores match the fp32 CPU ones."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from flux3d.curation.aesthetic import AestheticScorer, head_module
+
+    head = tmp_path / "head.pth"
+    torch.manual_seed(0)
+    torch.save(head_module().state_dict(), head)
+    cfg = tiny_scorer_config(tmp_path, head)
+    rng = np.random.default_rng(1)
+    views = [Image.fromarray(_sphere(rng.uniform(0.3, 1, (96, 96, 3))), "RGBA") for _ in range(5)]
+    cpu = AestheticScorer.load(dataclasses.replace(cfg, device="cpu")).score(views)
+    gpu = AestheticScorer.load(dataclasses.replace(cfg, device="cuda")).score(views)
+    assert np.isfinite(gpu).all() and np.allclose(gpu, cpu, atol=2e-2 * max(1.0, float(np.abs(cpu).max())))
