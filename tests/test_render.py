@@ -350,3 +350,21 @@ def test_cli_render_limit_resume_and_status(tmp_path):
         assert len(frames) == 4 and row["num_views"] == 8 and row["blank_views"] == 0
     bad = flux3d("render", "--root", root, "--views", "4,2", check=False)
     assert bad.returncode != 0 and "three counts" in bad.stderr
+
+
+@pytest.mark.integration
+def test_without_a_curation_set_curation_reads_main_set_views(tmp_path):
+    """`render.curation_views = 0` renders no curation set; curation then reads 10 views spread over the main set."""
+    from flux3d.stages.render_layout import curation_views, load_views, spread
+
+    asset = tmp_path / "box.glb"
+    asset.write_bytes(_textured_box_glb())
+    cfg = RenderConfig(**{**TINY, "views": 12, "curation_views": 0})
+    storage = Storage(str(tmp_path / "d"))
+    result = render_asset(str(asset), "glb", SHA_A, cfg, storage)
+    assert result.state == "ok" and result.columns["num_views"] == 12 + 2
+    root = storage.path("renders", SHA_A)
+    assert sorted(p for p in os.listdir(root) if os.path.isdir(os.path.join(root, p))) == ["cond2", "views12"]
+    judged, main = curation_views(storage, root, cfg), load_views(storage, root, "views12")
+    assert len(judged) == 10 and all(np.array_equal(j, main[i]) for j, i in zip(judged, spread(12, 10)))
+    assert len(curation_views(storage, root, cfg, limit=4)) == 4

@@ -145,13 +145,13 @@ def _histograms(table: pa.Table, cfg: Config, out: str) -> None:
 def _sheet(rows: list[dict[str, Any]], cfg: Config, storage: Storage, path: str) -> None:
     from PIL import Image, ImageDraw
 
-    from flux3d.stages.render_layout import load_views, view_sets
+    from flux3d.stages.render_layout import curation_views
 
     sheet = Image.new("RGB", (SHEET_VIEWS * TILE, len(rows) * TILE), (128, 128, 128))
     draw = ImageDraw.Draw(sheet)
     for r, row in enumerate(rows):
         try:
-            views = load_views(storage, row["render_dir"], view_sets(cfg.render)[2][0], limit=SHEET_VIEWS)
+            views = curation_views(storage, row["render_dir"], cfg.render, limit=SHEET_VIEWS)
         except (OSError, ValueError, KeyError):
             views = []  # a render deleted since: the row stays grey, labelled
         for c, rgba in enumerate(views):

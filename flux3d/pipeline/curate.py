@@ -31,7 +31,7 @@ from flux3d.executors.local import run_local
 from flux3d.pipeline.stage import Stage, StageSummary, gpu_request
 from flux3d.records import FAILED, OK, REJECTED, StageResult, Timer, params_hash
 from flux3d.stages.render import render_params
-from flux3d.stages.render_layout import load_views, view_sets
+from flux3d.stages.render_layout import curation_set, curation_views
 from flux3d.storage import Storage
 
 SCORE_VERSION = 1
@@ -84,10 +84,6 @@ def curate_params(cfg: Config) -> str:
                                                   "vlm": vlm_key(cfg) if rule != "heuristic" else ""})
 
 
-def curation_views(render_dir: str, cfg: Config, storage: Storage, limit: int | None = None) -> list[np.ndarray]:
-    return load_views(storage, render_dir, view_sets(cfg.render)[2][0], limit)
-
-
 # -- score ------------------------------------------------------------------------------------------------------
 def score_batch(rows: list[dict[str, Any]], scorer: Any, cfg: Config, storage: Storage) -> list[StageResult]:
     """Aesthetic + heuristic for a batch of rendered assets (sha256, render_dir): one scorer pass over their views."""
@@ -95,7 +91,7 @@ def score_batch(rows: list[dict[str, Any]], scorer: Any, cfg: Config, storage: S
 
     def load(row: dict[str, Any]) -> list[np.ndarray] | str:
         try:
-            return curation_views(row["render_dir"], cfg, storage)
+            return curation_views(storage, row["render_dir"], cfg.render)
         except (OSError, KeyError, ValueError) as e:
             return f"{type(e).__name__}: {e}"
 
@@ -133,7 +129,7 @@ def score_stage(cfg: Config, storage: Storage, catalog: Catalog, scorer: Any = N
                  plan=lambda: catalog.todo("score", params, after=["render"], result_columns=("state", "render_dir"),
                                            asset_columns=("sha256",)),
                  apply=lambda model, rows: score_batch(rows, model, cfg, storage),
-                 batch=max(1, cfg.curate.batch_size // cfg.render.curation_views),
+                 batch=max(1, cfg.curate.batch_size // curation_set(cfg.render)[1]),
                  gpus=gpu_request(cfg.curate.device), timeout_s=600.0)
 
 
@@ -181,8 +177,7 @@ def curate_one(row: dict[str, Any], cfg: Config, rule: str, key: str, verdicts: 
             if verdict is None:
                 assert judge is not None, "a rule that needs the VLM comes with a judge"
                 try:
-                    views = curation_views(row["render_dir"], cfg, storage, limit=min(cfg.vlm.views,
-                                                                                      cfg.render.curation_views))
+                    views = curation_views(storage, row["render_dir"], cfg.render, limit=cfg.vlm.views)
                     v = judge.judge(view_grid(views, cfg.vlm.tile, cfg.curate.background))
                 except VLMError as e:
                     # Deterministic (temperature 0) garbage stays garbage: only transport failures are retried.

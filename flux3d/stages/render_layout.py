@@ -24,10 +24,24 @@ def render_rel(sha256: str) -> str:
 
 
 def view_sets(cfg: RenderConfig) -> list[tuple[str, int, int]]:
-    """(folder, views, resolution) of the three view sets, in render order."""
+    """(folder, views, resolution) of the three view sets, in render order (a set of 0 views is not rendered)."""
     return [(f"views{cfg.views}", cfg.views, cfg.resolution),
             (f"cond{cfg.cond_views}", cfg.cond_views, cfg.cond_resolution),
             (f"curation{cfg.curation_views}", cfg.curation_views, cfg.curation_resolution)]
+
+
+CURATION_FROM_MAIN = 10
+"""Main-set views curation reads when no curation set is rendered (`render.curation_views = 0`)."""
+
+
+def curation_set(cfg: RenderConfig) -> tuple[str, int]:
+    """(folder, views) that curation scores and shows: the curation set, or without one (`curation_views = 0`, 10
+    fewer renders per asset) `CURATION_FROM_MAIN` views spread over the main set, at the same 512 px."""
+    folder, n, _ = view_sets(cfg)[2]
+    if n:
+        return folder, n
+    folder, n, _ = view_sets(cfg)[0]
+    return folder, min(n, CURATION_FROM_MAIN)
 
 
 def spread(n: int, limit: int | None) -> list[int]:
@@ -49,6 +63,12 @@ def load_views(storage: Storage, render_dir: str, folder: str, limit: int | None
         with storage.fs.open(f"{render_dir}/{folder}/{frame['file_path']}", "rb") as f:
             out.append(np.asarray(Image.open(f).convert("RGBA")))
     return out
+
+
+def curation_views(storage: Storage, render_dir: str, cfg: RenderConfig, limit: int | None = None) -> list[np.ndarray]:
+    """The views curation judges (`curation_set`), at most `limit` of them spread evenly."""
+    folder, n = curation_set(cfg)
+    return load_views(storage, render_dir, folder, n if limit is None else min(limit, n))
 
 
 def magenta_mask(rgb: np.ndarray) -> np.ndarray:
