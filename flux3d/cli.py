@@ -238,7 +238,8 @@ def _run_asset_stage(run, config: Path | None, root: str | None, limit: int | No
 
 SourceOpt = Annotated[Optional[list[str]], typer.Option("--source", help="Source spec as for `flux3d ingest`; "
                                                                      "repeatable.")]
-RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", help="Named settings under --config: paper | debug.")]
+RecipeOpt = Annotated[Optional[str], typer.Option(
+    "--recipe", help="Named settings under --config: paper | debug | trellis (paper, TRELLIS's render settings).")]
 RayOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to use (auto, host:port, "
                                                                    "ray://...); default: start a local Ray.")]
 

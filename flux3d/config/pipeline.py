@@ -108,7 +108,8 @@ class RenderConfig:
     cond_resolution: int = 1024
     """Side in pixels of the conditioning set."""
     curation_views: int = 10
-    """Views of the curation set (`curation10/`): aesthetic score and texture check."""
+    """Views of the curation set (`curation10/`): aesthetic score and texture check. 0 renders none (10 fewer
+    views per asset): curation then reads 10 views spread over the main set, at the same resolution."""
     curation_resolution: int = 512
     """Side in pixels of the curation set."""
     radius: float = 2.0
@@ -119,6 +120,20 @@ class RenderConfig:
     """Cycles samples per pixel (TRELLIS: 128)."""
     denoise: bool = True
     """Cycles denoiser (OpenImageDenoise on CPU, OptiX's on OptiX devices)."""
+    adaptive_threshold: float = 0.01
+    """Cycles' adaptive-sampling noise threshold: a pixel stops sampling once its noise estimate is below it
+    (0 = every pixel takes `samples`). 0.01 is Blender's default since 3.0, what TRELLIS rendered with."""
+    denoise_prefilter: str = "NONE"
+    """OpenImageDenoise's prefilter of its albedo and normal guides: ACCURATE (Blender's default, TRELLIS), FAST,
+    NONE. First-hit albedo and normals are clean at these sample counts, so NONE denoises as well as ACCURATE
+    (+0.1/-0.1 dB on two assets) and saves most of the denoiser's time (~1.5 s of ~7.7 s per 512-px view on 2 cores);
+    FAST costs ~1.5 dB."""
+    light_tree: bool = False
+    """Cycles' light tree (on by default since Blender 3.5; TRELLIS's Blender 3.0 had none). With two lights it
+    costs ~10 % per sample for no less noise (benchmarks/render_quality.py)."""
+    bottom_light: bool = False
+    """TRELLIS's third light, a 1000 W area light at z = -10 facing down, away from the object: it adds nothing to
+    the image, and without a light tree it would take a third of the light samples."""
     diffuse_bounces: int = 1
     """Cycles diffuse bounces (TRELLIS: 1)."""
     glossy_bounces: int = 1
@@ -133,6 +148,9 @@ class RenderConfig:
     """CPU render threads per asset (0 = Blender's auto: every core)."""
     workers: int = 1
     """Assets rendered in parallel, each in its own child process (one Blender session each)."""
+    assets_per_session: int = 100
+    """Assets one Blender child renders in turn before a fresh one starts (process start and `bpy` import paid once
+    per that many; a hang or crash still fails only its asset, and the next gets a fresh child)."""
     timeout_s: float = 1800.0
     """Wall-clock limit per asset (import + all view sets); the child's process group is killed after it."""
     memory_mb: int | None = 16384
@@ -152,9 +170,11 @@ class RenderConfig:
     visibility-weighted feature average) and `normal` (`NNN_normal.png`, world-space normals). Main set only."""
 
     def __post_init__(self) -> None:
-        for name in ("views", "cond_views", "curation_views", "samples"):
+        for name in ("views", "cond_views", "samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"render.{name} must be >= 1")
+        if self.curation_views < 0:
+            raise ValueError("render.curation_views must be >= 0 (0: curation reads 10 main-set views)")
         for name in ("resolution", "cond_resolution", "curation_resolution"):
             value = getattr(self, name)
             if value < 8 or value % 8:
@@ -167,10 +187,16 @@ class RenderConfig:
             raise ValueError("render.radius must exceed the unit cube's half diagonal (0.866): cameras inside it")
         if self.device not in ("auto", "optix", "cuda", "cpu"):
             raise ValueError(f"render.device must be auto, optix, cuda or cpu, got {self.device!r}")
-        if self.workers < 1 or self.threads < 0 or self.timeout_s <= 0:
-            raise ValueError("render.workers must be >= 1, render.threads >= 0, render.timeout_s > 0")
+        if self.workers < 1 or self.threads < 0 or self.timeout_s <= 0 or self.assets_per_session < 1:
+            raise ValueError("render.workers and assets_per_session must be >= 1, render.threads >= 0, "
+                             "render.timeout_s > 0")
         if min(self.diffuse_bounces, self.glossy_bounces, self.transparent_bounces, self.transmission_bounces) < 0:
             raise ValueError("render bounces must be >= 0")
+        if not 0 <= self.adaptive_threshold < 1:
+            raise ValueError("render.adaptive_threshold must be in [0, 1)")
+        if self.denoise_prefilter not in ("ACCURATE", "FAST", "NONE"):
+            raise ValueError(f"render.denoise_prefilter must be ACCURATE, FAST or NONE, got "
+                             f"{self.denoise_prefilter!r}")
         if set(self.passes) - {"depth", "normal"}:
             raise ValueError(f"render.passes may hold depth and normal, got {self.passes}")
         if not 0 <= self.blank_coverage < 1 or self.contact_sheet_views < 0:

@@ -6,6 +6,7 @@ change fields on top.
   VAE). Training: Tab. 6 and sec. 4.3/7.2 (decoder 12x768x12 heads, SMDiT 24 blocks x 1152 x 16 heads, AdamW 1e-4,
   batch 8 per GPU on 8 GPUs, 100K / 200K steps, bf16). Evaluation: the Toys4k protocol, 50 steps, 1,000 assets
   (our count: the paper does not give one).
+- `trellis` (pipeline only): `paper` with TRELLIS's Cycles settings, for renders faithful to its script.
 - `debug`: the same code at toy sizes, so a whole run takes CPU seconds per asset (CI, laptops, the tests):
   training overfits one asset in minutes; evaluation uses a few assets and allows random feature networks.
 """
@@ -59,7 +60,19 @@ def pipeline_debug() -> Config:
     return cfg
 
 
-PIPELINE: dict[str, Callable[[], Config]] = {"paper": pipeline_paper, "debug": pipeline_debug}
+def pipeline_trellis() -> Config:
+    """`paper` rendered with TRELLIS's Cycles settings as our bpy 4.2 runs its script (128 samples, adaptive
+    threshold 0.01, OpenImageDenoise with the ACCURATE prefilter, the light tree, all three lights): the renders
+    this project made before its defaults were chosen by measured quality per second (docs/rendering.md)."""
+    cfg = pipeline_paper()
+    cfg.render = dataclasses.replace(cfg.render, **TRELLIS_RENDER)
+    return cfg
+
+
+TRELLIS_RENDER = {"samples": 128, "adaptive_threshold": 0.01, "denoise": True, "denoise_prefilter": "ACCURATE",
+                  "light_tree": True, "bottom_light": True}
+PIPELINE: dict[str, Callable[[], Config]] = {"paper": pipeline_paper, "debug": pipeline_debug,
+                                             "trellis": pipeline_trellis}
 
 
 def pipeline_recipe(name: str) -> Config:

@@ -11,11 +11,14 @@ Scene, following TRELLIS `dataset_toolkits/blender_script/render.py`:
   and encode in one consistent pose.
 - The asset's own cameras and lights are removed and the world is cleared; lighting is TRELLIS's: a 1000 W point
   light at (4, 1, 6), a 10000 W area light at (0, 0, 10) scaled 100x and a 1000 W area light at (0, 0, -10)
-  (it faces down, as in TRELLIS, so it adds almost nothing).
+  (it faces down, away from the object, as in TRELLIS, so it adds nothing: rendered only with
+  `render.bottom_light`, for the `trellis` recipe).
 - Normalisation: every root object is parented to one empty holding `p' = scale * p + offset`, with scale =
   1 / longest side of the world bounding box of the evaluated geometry and offset centring it: the scene fits
   [-0.5, 0.5]^3 with its longest side exactly 1.
-- Cycles, transparent film, RGBA 8-bit PNG, BOX pixel filter of width 1, persistent data between views.
+- Cycles, transparent film, RGBA 8-bit PNG, BOX pixel filter of width 1, persistent data between views; samples,
+  adaptive threshold, denoiser prefilter and light tree from `[render]` (docs/rendering.md: chosen by measured
+  quality against a converged reference per second).
 - Passes (main set only, `render.passes`): the compositor's File Output node writes Cycles' Depth and Normal
   passes as float EXR beside each view; they are read back through Blender's own EXR loader (no EXR library
   needed outside Blender) and stored as `NNN_depth.png` (uint16, camera-axis z = value / `depth_scale`, 0 = no
@@ -59,17 +62,8 @@ def render_scene(path: str, fmt: str, sha256: str, cfg: RenderConfig, out_dir: s
     t0 = time.perf_counter()
     import bpy
 
-    bpy.ops.wm.read_factory_settings(use_empty=True)
-    bpy.context.preferences.filepaths.use_scripts_auto_execute = False
-    path = os.path.abspath(path)
-    _import(bpy, path, fmt)
-    missing = _resolve_images(bpy, os.path.dirname(path))
-    _prepare_scene(bpy)
-    scale, offset = _normalise(bpy)
-    scene = bpy.context.scene
-    _lights(bpy, scene)
-    device = _cycles(bpy, scene, cfg)
-    cam = _camera(bpy, scene, math.radians(cfg.fov_deg))
+    scene, cam, facts = build_scene(bpy, path, fmt, cfg)
+    scale, offset = facts["scale"], facts["offset"]
     if cfg.save_mesh:
         _write_ply(os.path.join(out_dir, "mesh.ply"), *_scene_triangles(bpy))
     setup_s = time.perf_counter() - t0
@@ -82,6 +76,8 @@ def render_scene(path: str, fmt: str, sha256: str, cfg: RenderConfig, out_dir: s
     passes = _pass_outputs(bpy, scene, cfg.passes, pass_dir)
     depth_scale = depth_scale_for(cfg.radius)
     for k, (folder, n, res) in enumerate(view_sets(cfg)):
+        if not n:  # a set switched off (render.curation_views = 0)
+            continue
         t1 = time.perf_counter()
         os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
         scene.render.resolution_x = scene.render.resolution_y = res
@@ -104,8 +100,24 @@ def render_scene(path: str, fmt: str, sha256: str, cfg: RenderConfig, out_dir: s
         sets[folder] = {"views": n, "resolution": res, "seconds": time.perf_counter() - t1}
     if passes:
         os.rmdir(pass_dir)
-    return {"scale": scale, "offset": offset, "device": device, "missing_images": missing,
-            "setup_s": setup_s, "sets": sets}
+    return {**facts, "setup_s": setup_s, "sets": sets}
+
+
+def build_scene(bpy: Any, path: str, fmt: str, cfg: RenderConfig) -> tuple[Any, Any, dict[str, Any]]:
+    """From a factory-reset session (nothing of an earlier asset survives) to the lit, normalised scene with its
+    camera and Cycles set up; returns (scene, camera, facts: scale, offset, device, missing_images)."""
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    bpy.context.preferences.filepaths.use_scripts_auto_execute = False
+    path = os.path.abspath(path)
+    _import(bpy, path, fmt)
+    missing = _resolve_images(bpy, os.path.dirname(path))
+    _prepare_scene(bpy)
+    scale, offset = _normalise(bpy)
+    scene = bpy.context.scene
+    _lights(bpy, scene)  # before set_cycles, which decides whether the bottom light renders
+    device = set_cycles(bpy, scene, cfg)
+    cam = _camera(bpy, scene, math.radians(cfg.fov_deg))
+    return scene, cam, {"scale": scale, "offset": offset, "device": device, "missing_images": missing}
 
 
 def depth_scale_for(radius: float) -> int:
@@ -286,11 +298,22 @@ def _lights(bpy: Any, scene: Any) -> None:
         scene.collection.objects.link(obj)
 
 
-def _cycles(bpy: Any, scene: Any, cfg: RenderConfig) -> str:
+def set_cycles(bpy: Any, scene: Any, cfg: RenderConfig) -> str:
+    """Cycles, film and colour settings of `cfg` on `scene`; returns the device it renders on."""
     scene.render.engine = "CYCLES"
     c = scene.cycles
     c.samples = cfg.samples
+    # Adaptive sampling stops a pixel once its noise estimate is under the threshold; 0.01 is Blender's factory
+    # default since 3.0, i.e. what TRELLIS's script rendered with without setting it.
+    c.use_adaptive_sampling = cfg.adaptive_threshold > 0
+    if cfg.adaptive_threshold > 0:
+        c.adaptive_threshold, c.adaptive_min_samples = cfg.adaptive_threshold, 0
     c.use_denoising = cfg.denoise
+    c.denoising_prefilter = cfg.denoise_prefilter
+    c.use_light_tree = cfg.light_tree
+    bottom = bpy.data.objects.get(LIGHTS[2][0])
+    if bottom is not None:
+        bottom.hide_render = not cfg.bottom_light
     c.pixel_filter_type, c.filter_width = "BOX", 1.0
     c.diffuse_bounces, c.glossy_bounces = cfg.diffuse_bounces, cfg.glossy_bounces
     c.transparent_max_bounces, c.transmission_bounces = cfg.transparent_bounces, cfg.transmission_bounces
