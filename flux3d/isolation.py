@@ -116,6 +116,8 @@ class ChildWorker:
             stderr_path = tmp.name
         outcome: tuple[str, Any] | None = None
         try:
+            if self._proc is not None and not self._proc.is_alive():  # died while idle (OOM killer): not this call's
+                self._stop(grace_s=0)
             if self._proc is None:
                 self._start()
             self._conn.send((fn, args, kwargs, stderr_path))
@@ -126,7 +128,7 @@ class ChildWorker:
                     outcome = None
             else:
                 outcome = ("timeout", f"no result after {timeout_s:.0f} s; process group killed")
-        except (BrokenPipeError, ConnectionResetError):  # it died between calls
+        except (BrokenPipeError, ConnectionResetError):  # it died as the request went out
             outcome = None
         finally:
             stderr_tail = _tail(stderr_path)
@@ -140,7 +142,8 @@ class ChildWorker:
         if outcome is None:
             sig = -exitcode if exitcode is not None and exitcode < 0 else None
             reason = "out_of_memory" if sig == signal.SIGKILL else "crashed"
-            detail = f"child died with signal {signal.Signals(sig).name}" if sig else f"child exited with code {exitcode}"
+            detail = (f"child died with signal {signal.Signals(sig).name}" if sig
+                      else f"child exited with code {exitcode}")
             return Isolated(False, reason=reason, message=_join(detail, stderr_tail), seconds=seconds)
         kind, value = outcome
         if kind == "ok":
