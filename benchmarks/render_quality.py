@@ -46,6 +46,7 @@ SETTINGS: dict[str, dict] = {
     "trellis": TRELLIS_RENDER,
     "trellis-nodenoise": {**TRELLIS_RENDER, "denoise": False},
     "trellis-prefilter-none": {**TRELLIS_RENDER, "denoise_prefilter": "NONE"},
+    "128-lean": LEAN,
     "128-lean-t0.015": {**LEAN, "samples": 128, "adaptive_threshold": 0.015},
     "112-lean": {**LEAN, "samples": 112},
     "96-lean": {**LEAN, "samples": 96},
@@ -54,7 +55,7 @@ SETTINGS: dict[str, dict] = {
     "64-fast": {**TRELLIS_RENDER, "samples": 64, "denoise_prefilter": "FAST"},
     "32-fast": {**TRELLIS_RENDER, "samples": 32, "denoise_prefilter": "FAST"},
 }
-COND_SETTINGS = ("trellis", "paper", "128-lean-t0.015", "96-lean")  # 1024 px is 4x the pixels: fewer of them
+COND_SETTINGS = ("trellis", "paper", "128-lean", "128-lean-t0.015", "96-lean")  # 1024 px is 4x the pixels: fewer of them
 
 
 def render_asset_grid(asset: str, names: list[str], views: int, cond_views: int, ref_samples: int,

@@ -368,3 +368,23 @@ def test_without_a_curation_set_curation_reads_main_set_views(tmp_path):
     judged, main = curation_views(storage, root, cfg), load_views(storage, root, "views12")
     assert len(judged) == 10 and all(np.array_equal(j, main[i]) for j, i in zip(judged, spread(12, 10)))
     assert len(curation_views(storage, root, cfg, limit=4)) == 4
+
+
+@pytest.mark.integration
+def test_auto_prefilter_cleans_the_denoiser_guides_only_for_see_through_assets(tmp_path):
+    """`denoise_prefilter = AUTO`: NONE for an opaque asset (its first-hit guides are clean), ACCURATE for one with
+    a see-through material (a glTF alpha-blended one here), recorded in render.json."""
+    opaque, clear = tmp_path / "box.glb", tmp_path / "clear.glb"
+    opaque.write_bytes(_textured_box_glb())
+    box = trimesh.creation.box()
+    box.visual = trimesh.visual.TextureVisuals(material=trimesh.visual.material.PBRMaterial(
+        baseColorFactor=[200, 200, 255, 100], alphaMode="BLEND"))
+    clear.write_bytes(trimesh.Scene(box).export(file_type="glb"))
+    cfg = RenderConfig(**{**TINY, "denoise": True, "denoise_prefilter": "AUTO"})
+    chosen = {}
+    for path, sha in ((opaque, SHA_A), (clear, SHA_B)):
+        storage = Storage(str(tmp_path / sha[:4]))
+        assert render_asset(str(path), "glb", sha, cfg, storage).state == "ok"
+        chosen[path.stem] = json.loads(Path(storage.path("renders", sha, "render.json")).read_text())[
+            "denoise_prefilter"]
+    assert chosen == {"box": "NONE", "clear": "ACCURATE"}

@@ -123,11 +123,12 @@ class RenderConfig:
     adaptive_threshold: float = 0.01
     """Cycles' adaptive-sampling noise threshold: a pixel stops sampling once its noise estimate is below it
     (0 = every pixel takes `samples`). 0.01 is Blender's default since 3.0, what TRELLIS rendered with."""
-    denoise_prefilter: str = "NONE"
+    denoise_prefilter: str = "AUTO"
     """OpenImageDenoise's prefilter of its albedo and normal guides: ACCURATE (Blender's default, TRELLIS), FAST,
-    NONE. First-hit albedo and normals are clean at these sample counts, so NONE denoises as well as ACCURATE
-    (+0.1/-0.1 dB on two assets) and saves most of the denoiser's time (~1.5 s of ~7.7 s per 512-px view on 2 cores);
-    FAST costs ~1.5 dB."""
+    NONE, or AUTO: ACCURATE for an asset with a see-through material (glass, transmission, alpha), whose guides are
+    noisy, else NONE. Opaque assets' first-hit guides are clean, so NONE denoises them as well (+-0.1 dB) and saves
+    most of the denoiser's time (~1.5 s of ~7.7 s per 512-px view on 2 cores); on glass NONE costs 0.7 dB, FAST
+    costs ~1.5 dB on opaque assets (docs/rendering.md)."""
     light_tree: bool = False
     """Cycles' light tree (on by default since Blender 3.5; TRELLIS's Blender 3.0 had none). With two lights it
     costs ~10 % per sample for no less noise (benchmarks/render_quality.py)."""
@@ -194,8 +195,8 @@ class RenderConfig:
             raise ValueError("render bounces must be >= 0")
         if not 0 <= self.adaptive_threshold < 1:
             raise ValueError("render.adaptive_threshold must be in [0, 1)")
-        if self.denoise_prefilter not in ("ACCURATE", "FAST", "NONE"):
-            raise ValueError(f"render.denoise_prefilter must be ACCURATE, FAST or NONE, got "
+        if self.denoise_prefilter not in ("AUTO", "ACCURATE", "FAST", "NONE"):
+            raise ValueError(f"render.denoise_prefilter must be AUTO, ACCURATE, FAST or NONE, got "
                              f"{self.denoise_prefilter!r}")
         if set(self.passes) - {"depth", "normal"}:
             raise ValueError(f"render.passes may hold depth and normal, got {self.passes}")

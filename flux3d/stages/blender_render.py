@@ -117,7 +117,27 @@ def build_scene(bpy: Any, path: str, fmt: str, cfg: RenderConfig) -> tuple[Any, 
     _lights(bpy, scene)  # before set_cycles, which decides whether the bottom light renders
     device = set_cycles(bpy, scene, cfg)
     cam = _camera(bpy, scene, math.radians(cfg.fov_deg))
-    return scene, cam, {"scale": scale, "offset": offset, "device": device, "missing_images": missing}
+    return scene, cam, {"scale": scale, "offset": offset, "device": device, "missing_images": missing,
+                        "denoise_prefilter": scene.cycles.denoising_prefilter}
+
+
+def _see_through(bpy: Any) -> bool:
+    """Whether a material refracts or lets light through (glass, refraction, transparency, transmission, alpha).
+    The denoiser's albedo and normal guides are then noisy (they follow the paths through), and only the ACCURATE
+    prefilter keeps them from costing detail: -0.7 dB on GlassVaseFlowers with none, +-0.1 dB on opaque assets."""
+    for mat in bpy.data.materials:
+        if mat.node_tree is None:
+            continue
+        for node in mat.node_tree.nodes:
+            if node.type in ("BSDF_GLASS", "BSDF_REFRACTION", "BSDF_TRANSPARENT"):
+                return True
+            if node.type == "BSDF_PRINCIPLED":
+                transmission, alpha = node.inputs.get("Transmission Weight"), node.inputs.get("Alpha")
+                if transmission is not None and (transmission.is_linked or transmission.default_value > 0):
+                    return True
+                if alpha is not None and (alpha.is_linked or alpha.default_value < 1):
+                    return True
+    return False
 
 
 def depth_scale_for(radius: float) -> int:
@@ -309,7 +329,8 @@ def set_cycles(bpy: Any, scene: Any, cfg: RenderConfig) -> str:
     if cfg.adaptive_threshold > 0:
         c.adaptive_threshold, c.adaptive_min_samples = cfg.adaptive_threshold, 0
     c.use_denoising = cfg.denoise
-    c.denoising_prefilter = cfg.denoise_prefilter
+    c.denoising_prefilter = cfg.denoise_prefilter if cfg.denoise_prefilter != "AUTO" else (
+        "ACCURATE" if _see_through(bpy) else "NONE")
     c.use_light_tree = cfg.light_tree
     bottom = bpy.data.objects.get(LIGHTS[2][0])
     if bottom is not None:
