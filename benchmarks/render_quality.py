@@ -55,7 +55,8 @@ SETTINGS: dict[str, dict] = {
     "64-fast": {**TRELLIS_RENDER, "samples": 64, "denoise_prefilter": "FAST"},
     "32-fast": {**TRELLIS_RENDER, "samples": 32, "denoise_prefilter": "FAST"},
 }
-COND_SETTINGS = ("trellis", "paper", "128-lean", "128-lean-t0.015", "96-lean")  # 1024 px is 4x the pixels: fewer of them
+# 1024 px is 4x the pixels: fewer settings there.
+COND_SETTINGS = ("trellis", "paper", "128-lean", "128-lean-t0.015", "96-lean")
 
 
 def render_asset_grid(asset: str, names: list[str], views: int, cond_views: int, ref_samples: int,
