@@ -92,11 +92,6 @@ class ChildWorker:
         self._conn: Any = None
         self._calls = 0
 
-    @property
-    def pid(self) -> int | None:
-        """The live child's pid (None before the first call and after a failure or `close`)."""
-        return self._proc.pid if self._proc is not None else None
-
     def _start(self) -> None:
         ctx = _context()
         ours, theirs = ctx.Pipe(duplex=True)

@@ -26,13 +26,15 @@ def render_stage(cfg: Config, storage: Storage, catalog: Catalog, worker: Callab
         return sessions.render(storage.local_copy(row["local_path"]), row["format"], row["sha256"], cfg.render,
                                storage, worker=worker)
 
-    # Blender renders with every core it is given: a Ray task claims `threads` CPUs (all of a small node when 0).
+    # Blender renders with every core it is given: a Ray actor holding the sessions claims `threads` CPUs (all of a
+    # small node when 0).
     return Stage(name="render", params=params, columns=RENDER_COLUMNS, apply=one, workers=cfg.render.workers,
                  setup=lambda: BlenderSessions(cfg.render), teardown=BlenderSessions.close,
                  plan=lambda: catalog.todo("render", params, after=["download", "inspect"],
                                            result_columns=("state", "local_path"),
                                            asset_columns=("source", "file_identifier", "sha256", "format")),
-                 cpus=float(cfg.render.threads or 2), gpus=gpu_request("cuda" if cfg.render.device == "optix" else cfg.render.device),
+                 cpus=float(cfg.render.threads or 2),
+                 gpus=gpu_request("cuda" if cfg.render.device == "optix" else cfg.render.device),
                  sweep=("renders",), timeout_s=cfg.render.timeout_s * 1.5 + 60)
 
 

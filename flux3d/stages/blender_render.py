@@ -1,4 +1,5 @@
-"""The Blender side of the render stage: one session per asset (import once, render every view set).
+"""The Blender side of the render stage: per asset, a factory reset, one import, every view set rendered (one
+Blender child renders many assets in turn: `stages/render.py::BlenderSessions`).
 
 Runs inside an isolated child (`flux3d.stages.render`); `bpy` is imported in the call, never in the forkserver.
 
@@ -47,6 +48,7 @@ LIGHTS = (  # name, type, energy (W), location, scale
     ("flux3d_top", "AREA", 10000.0, (0.0, 0.0, 10.0), 100.0),
     ("flux3d_bottom", "AREA", 1000.0, (0.0, 0.0, -10.0), 1.0),
 )
+BOTTOM_LIGHT = LIGHTS[2][0]  # faces away from the object: rendered only with `render.bottom_light`
 
 
 class RenderError(Exception):
@@ -332,7 +334,7 @@ def set_cycles(bpy: Any, scene: Any, cfg: RenderConfig) -> str:
     c.denoising_prefilter = cfg.denoise_prefilter if cfg.denoise_prefilter != "AUTO" else (
         "ACCURATE" if _see_through(bpy) else "NONE")
     c.use_light_tree = cfg.light_tree
-    bottom = bpy.data.objects.get(LIGHTS[2][0])
+    bottom = bpy.data.objects.get(BOTTOM_LIGHT)
     if bottom is not None:
         bottom.hide_render = not cfg.bottom_light
     c.pixel_filter_type, c.filter_width = "BOX", 1.0
