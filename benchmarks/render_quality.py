@@ -54,9 +54,17 @@ SETTINGS: dict[str, dict] = {
     "64-accurate": {**TRELLIS_RENDER, "samples": 64},
     "64-fast": {**TRELLIS_RENDER, "samples": 64, "denoise_prefilter": "FAST"},
     "32-fast": {**TRELLIS_RENDER, "samples": 32, "denoise_prefilter": "FAST"},
+    # Cycles knobs RenderConfig does not expose (scene.cycles attributes set after set_cycles): candidates only.
+    "128-lean-splits": {**LEAN, "_cycles": {"debug_use_spatial_splits": True}},
+    "128-lean-balanced": {**LEAN, "_cycles": {"denoising_quality": "BALANCED"}},
+    "112-lean-splits-balanced": {**LEAN, "samples": 112, "_cycles": {"debug_use_spatial_splits": True,
+                                                                     "denoising_quality": "BALANCED"}},
+    "128-lean-t0.015-splits-balanced": {**LEAN, "adaptive_threshold": 0.015, "_cycles": {
+        "debug_use_spatial_splits": True, "denoising_quality": "BALANCED"}},
 }
 # 1024 px is 4x the pixels: fewer settings there.
-COND_SETTINGS = ("trellis", "paper", "128-lean", "128-lean-t0.015", "96-lean")
+COND_SETTINGS = ("trellis", "paper", "128-lean", "128-lean-t0.015", "96-lean", "112-lean-splits-balanced",
+                 "128-lean-t0.015-splits-balanced")
 
 
 def render_asset_grid(asset: str, names: list[str], views: int, cond_views: int, ref_samples: int,
@@ -85,7 +93,11 @@ def render_asset_grid(asset: str, names: list[str], views: int, cond_views: int,
             for name, fields, seed in jobs:
                 if set_name == "cond" and not name.startswith("ref") and name not in COND_SETTINGS:
                     continue
+                fields = dict(fields)
+                raw = fields.pop("_cycles", {})
                 set_cycles(bpy, scene, dataclasses.replace(base, **fields))
+                for attr, value in raw.items():
+                    setattr(scene.cycles, attr, value)
                 scene.cycles.seed = seed
                 scene.render.filepath = str(out / f"{name}_{set_name}_{i}.png")
                 t0 = time.perf_counter()
