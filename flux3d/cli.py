@@ -276,7 +276,8 @@ def _run_flow(which: str, root: str | None, source: list[str] | None, config: Pa
         ev = out["evaluate"]
         m = ev["metrics"]
         typer.echo("evaluation: " + ", ".join(f"{k} {m[k]:.3f}" for k in ("recon_psnr", "gen_psnr", "gen_clip",
-                                                                         "mv_psnr_mean") if k in m)
+                                                                         "mv_psnr_mean", "pgen_psnr", "layout_iou")
+                                                if k in m)
                    + f"; report {ev['report']}/report.md")
     if "promotion" in out:
         p = out["promotion"]

@@ -1,5 +1,5 @@
-"""The model commands of `flux3d`: `train decoder|smdit`, `generate`, `evaluate` and `study features`
-(flux3d.evaluation)."""
+"""The model commands of `flux3d`: `train decoder|smdit|structure-vae|structure-flow`, `generate`, `evaluate` and
+`study features` (flux3d.evaluation)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Annotated, Optional
 import typer
 
 train_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                        help="Train the DA-SLAT decoder or the SMDiT on a dataset version (Ray Train).")
+                        help="Train the DA-SLAT decoder, the SMDiT or the sparse-structure stage on a dataset "
+                             "version (Ray Train).")
 
 study_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Studies over trained decoders (paper Tab. 2b: which input feature).")
@@ -80,33 +81,66 @@ def train_smdit(recipe: RecipeOpt = "debug", shards: ShardsOpt = None, out: OutO
     _train("smdit", recipe, shards, out, set_, workers, local, ray_address)
 
 
+@train_app.command("structure-vae")
+def train_structure_vae(recipe: RecipeOpt = "debug", shards: ShardsOpt = None, out: OutOpt = None,
+                        set_: SetOpt = None, workers: WorkersOpt = None, local: LocalOpt = False,
+                        ray_address: RayOpt = None) -> None:
+    """Stage 1's occupancy VAE: the shards' voxels as a dense grid <-> a low-resolution latent grid."""
+    _train("structure_vae", recipe, shards, out, set_, workers, local, ray_address)
+
+
+@train_app.command("structure-flow")
+def train_structure_flow(recipe: RecipeOpt = "debug", shards: ShardsOpt = None, out: OutOpt = None,
+                         set_: SetOpt = None, workers: WorkersOpt = None, local: LocalOpt = False,
+                         ray_address: RayOpt = None) -> None:
+    """Stage 1's flow model: image-conditioned flow matching over a finished structure VAE's latent
+    (--set flow.latents=<that run>)."""
+    _train("structure_flow", recipe, shards, out, set_, workers, local, ray_address)
+
+
 def generate(
-    image: Annotated[str, typer.Option("--image", help="Conditioning image (RGBA over --background, or RGB).")],
-    layout: Annotated[str, typer.Option("--layout", help="Sparse layout: voxels/<sha>.npy, features .npz, or "
-                                                         "shard.tar#<key>.")],
+    image: Annotated[str, typer.Option("--image", help="Conditioning image: a photo (RGBA, or RGB on a plain "
+                                                       "background) or a render.")],
     smdit: Annotated[str, typer.Option("--smdit", help="SMDiT run directory or checkpoint.")],
     decoder: Annotated[str, typer.Option("--decoder", help="Decoder run directory or checkpoint.")],
+    structure: Annotated[Optional[str], typer.Option("--structure", help="Structure flow run (stage 1): predicts "
+                                                                         "the layout from the image.")] = None,
+    layout: Annotated[Optional[str], typer.Option("--layout", help="A given sparse layout instead of stage 1 (the "
+                                                                   "paper's protocol): voxels/<sha>.npy, features "
+                                                                   ".npz, or shard.tar#<key>.")] = None,
     out: Annotated[str, typer.Option("--out", help="Output 3DGS .ply.")] = "asset.ply",
     turntable: Annotated[Optional[str], typer.Option(help="Turntable .png grid or .gif.")] = None,
+    layout_out: Annotated[Optional[str], typer.Option("--layout-out", help="Save the predicted layout (.npy).")]
+    = None,
+    matting: Annotated[str, typer.Option(help="TorchScript background-removal model for RGB photos (else a "
+                                              "plain background is keyed out).")] = "",
     steps: Annotated[int, typer.Option(help="Euler steps.")] = 50,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance weight.")] = 3.0,
+    structure_steps: Annotated[int, typer.Option(help="Stage-1 Euler steps.")] = 25,
+    structure_guidance: Annotated[float, typer.Option(help="Stage-1 guidance weight (TRELLIS's 7.5 is our "
+                                                           "8.5: w = 1 + its cfg_strength).")] = 8.5,
     background: Annotated[float, typer.Option(help="Background under a transparent image (0 black, 1 white).")]
     = 1.0,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
 ) -> None:
-    """Image + sparse layout -> FLUX latents (SMDiT) -> Gaussians (decoder) -> a 3DGS .ply and a turntable.
-    An Enc-Dec SMDiT samples its decoder's 8-channel latent instead: give that decoder."""
+    """Image -> [stage 1: structure flow -> layout] -> FLUX latents (SMDiT) -> Gaussians (decoder) -> a 3DGS .ply
+    and a turntable. With --structure the photo is matted and framed like the training renders; with --layout the
+    image is used as it is. An Enc-Dec SMDiT samples its decoder's 8-channel latent instead: give that decoder."""
+    import numpy as np
     import torch
 
+    from flux3d.features.photo import PhotoError, conditioning_image, prepare_photo
     from flux3d.features.vae import ConditionEncoder
     from flux3d.models.flow_matching import SamplerConfig
     from flux3d.models.gaussians import save_ply
     from flux3d.models.inference import generate as run_generate
-    from flux3d.models.inference import load_image, read_layout, save_turntable
+    from flux3d.models.inference import load_image, predict_layout, read_layout, save_turntable
     from flux3d.models.inference import turntable as render_turntable
-    from flux3d.training.checkpoint import decodes_latent, load_model
+    from flux3d.training.checkpoint import decodes_latent, load_model, load_structure
 
+    if (layout is None) == (structure is None):
+        raise typer.BadParameter("give --structure (predict the layout from the image) or --layout, not both")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     try:
@@ -115,13 +149,29 @@ def generate(
         if smdit_cfg.kind != "smdit" or decoder_cfg.kind != "decoder":
             raise ValueError(f"--smdit is a {smdit_cfg.kind} run and --decoder a {decoder_cfg.kind} run")
         latent = decodes_latent(smdit_cfg, decoder)
-        coords = read_layout(layout)
         sampler = SamplerConfig(steps=steps, guidance=guidance)
-    except ValueError as e:
+
+        def cond_latents(cfg):  # noqa: ANN001, ANN202 - a TrainConfig -> (1, 16, h, w)
+            f = cfg.flow
+            x = (conditioning_image(prepare_photo(image, f.cond_resolution, matting), background) if structure
+                 else load_image(image, f.cond_resolution, background))
+            return ConditionEncoder(f.encoder, f.encoder_location, f.cond_resolution, dev)(x.to(dev))
+
+        if structure:
+            flow, vae, flow_cfg = load_structure(structure, device=dev)
+            if vae.cfg.grid != smdit_cfg.smdit.grid:
+                raise ValueError(f"the structure model predicts {vae.cfg.grid}^3 layouts, the SMDiT works on "
+                                 f"{smdit_cfg.smdit.grid}^3")
+            coords, _ = predict_layout(flow, vae, cond_latents(flow_cfg),
+                                       SamplerConfig(steps=structure_steps, guidance=structure_guidance), seed)
+            typer.echo(f"stage 1: {len(coords)} voxels predicted by {structure}")
+            if layout_out:
+                np.save(layout_out, coords)
+        else:
+            coords = read_layout(layout)
+        cond = cond_latents(smdit_cfg)
+    except (ValueError, PhotoError) as e:
         raise typer.BadParameter(str(e)) from e
-    f = smdit_cfg.flow
-    encoder = ConditionEncoder(f.encoder, f.encoder_location, f.cond_resolution, dev)
-    cond = encoder(load_image(image, f.cond_resolution, background).to(dev))
     result = run_generate(smdit_model, decoder_model, cond, coords, sampler, seed, latent)
     save_ply(result.gaussians, out)
     typer.echo(f"wrote {out}: {len(result.gaussians)} Gaussians on {len(coords)} voxels")
@@ -136,6 +186,9 @@ def evaluate(
     decoder: Annotated[Optional[str], typer.Option("--decoder", help="Decoder run (default: RUN/decoder).")] = None,
     smdit: Annotated[Optional[str], typer.Option("--smdit", help="SMDiT run (default: RUN/smdit if present).")]
     = None,
+    structure: Annotated[Optional[str], typer.Option("--structure", help="Structure flow run for the predicted-"
+                                                                         "layout protocol, Tab. 10 (default: "
+                                                                         "RUN/structure_flow if present).")] = None,
     shards: Annotated[Optional[str], typer.Option("--shards", help="Evaluation dataset version (default: the "
                                                                    "decoder's training shards).")] = None,
     recipe: RecipeOpt = "paper",
@@ -156,11 +209,13 @@ def evaluate(
     decoder = decoder or f"{run.rstrip('/')}/decoder"
     if smdit is None and run and Storage(run).exists("smdit/config.json"):
         smdit = f"{run.rstrip('/')}/smdit"
+    if structure is None and run and Storage(run).exists("structure_flow/config.json"):
+        structure = f"{run.rstrip('/')}/structure_flow"
     out = out or f"{(run or decoder).rstrip('/')}/eval"
     try:
         cfg = eval_config(recipe, [*(set_ or []), *([f"shards={shards}"] if shards else [])])
         prev = json.loads(open(previous).read()) if previous else None
-        doc = run_evaluate(cfg, decoder, smdit, out, prev)
+        doc = run_evaluate(cfg, decoder, smdit, out, prev, structure)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     typer.echo(f"evaluated {doc['count']} assets ({doc['seconds_per_asset']:.1f} s each); report: {out}/report.md")

@@ -82,10 +82,12 @@ def build_dataset(tmp: Path, files: list[Path], *, views: int = 24, resolution: 
 
 def synthetic_dataset(tmp: Path, assets: int, *, views: int = 8, resolution: int = 32, voxels: int = 16,
                       supervision_views: int = 8, cond_views: int = 2, cond_resolution: int = 32,
-                      encode: dict | None = None, seed: int = 0, image_quality: int = 100) -> Dataset:
+                      encode: dict | None = None, seed: int = 0, image_quality: int = 100,
+                      val_fraction: float = 0.0) -> Dataset:
     """A dataset version of `assets` synthetic assets under tmp/data, laid out as the pipeline lays it out
     (renders/<sha>/<view set>/NNN.png + transforms.json, voxels/<sha>.npy, features/<encoder>/<sha>.npz,
-    shards/<version>/...). `encode`: the config's encode section (default: the demo's tiny random VAE)."""
+    shards/<version>/...). `encode`: the config's encode section (default: the demo's tiny random VAE);
+    `val_fraction`: the share of assets held out in the val split."""
     import io
     import json
 
@@ -105,7 +107,7 @@ def synthetic_dataset(tmp: Path, assets: int, *, views: int = 8, resolution: int
                    "cond_resolution": cond_resolution},
         "voxelize": {"resolution": voxels},
         "encode": encode,
-        "shard": {"supervision_views": supervision_views, "cond_views": cond_views, "val_fraction": 0.0,
+        "shard": {"supervision_views": supervision_views, "cond_views": cond_views, "val_fraction": val_fraction,
                   "image_quality": image_quality, "cond": "images"},
     })
     storage = Storage(cfg.storage.root)

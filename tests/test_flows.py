@@ -124,11 +124,16 @@ def test_pipeline_trains_evaluates_and_a_rerun_redoes_nothing(pipeline_run, demo
         assert rows[stage][:5] == ["3", "0", "0", "0", "3"], (stage, rows[stage])
     version = (root / "shards" / "LATEST").read_text()
     models = root / "models" / version
-    for kind in ("decoder", "smdit"):
+    for kind in ("decoder", "smdit", "structure_vae", "structure_flow"):
         meta = json.loads(next((models / kind / "checkpoints").glob("step_0000040/meta.json")).read_text())
         assert meta["kind"] == kind and meta["config"]["data"]["shards"] == str(root / "shards" / version)
+    # The structure flow diffuses this pipeline's VAE's latent, on that latent's grid.
+    assert meta["config"]["flow"]["latents"] == str(models / "structure_vae") and meta["config"]["smdit"]["grid"] == 8
     report = json.loads((models / "eval" / "report.json").read_text())
-    assert report["count"] == 3 and {"recon_psnr", "gen_psnr", "gen_clip", "mv_psnr_mean"} <= set(report["summary"])
+    assert report["count"] == 3 and {"recon_psnr", "gen_psnr", "gen_clip", "mv_psnr_mean", "pgen_psnr", "pgen_clip",
+                                     "layout_iou"} <= set(report["summary"])
+    assert 0.0 <= report["summary"]["layout_iou"] <= 1.0 and report["structure_step"] == 40
+    assert "Full pipeline with predicted layouts (paper Tab. 10)" in (models / "eval" / "report.md").read_text()
     assert f"report {models}/eval/report.md" in out
     # `flux3d retrain` (the cron deployment's run): the pipeline again, then the promotion gate. Trained and
     # evaluated already: nothing is redone, and the gate promotes the first model and records why.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-PROTOCOLS = ("reconstruction", "generation", "multiview")
+PROTOCOLS = ("reconstruction", "generation", "multiview", "predicted_layout")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -25,6 +25,10 @@ class EvalConfig:
     """Evaluation image size; ground-truth views are resized to it when stored larger."""
     sampler_steps: int = 50
     guidance: float = 3.0
+    structure_steps: int = 25
+    """predicted_layout (paper Tab. 10, with a structure model): stage-1 Euler steps for each asset's layout."""
+    structure_guidance: float = 8.5
+    """Stage-1 CFG weight (TRELLIS's app: cfg_strength 7.5, i.e. our w = 1 + 7.5)."""
     metric_views: int = 4
     """Generation: views per asset rendered for CLIP / FD / KD (the shard's supervision cameras, spread evenly)."""
     multiview_views: int = 24
@@ -49,7 +53,8 @@ class EvalConfig:
         unknown = set(self.protocols) - set(PROTOCOLS)
         if unknown or not self.protocols:
             raise ValueError(f"evaluate.protocols must be a non-empty subset of {PROTOCOLS}, got {self.protocols}")
-        if self.assets < 1 or self.sampler_steps < 1 or self.metric_views < 1 or self.multiview_views < 1:
-            raise ValueError("evaluate.assets, sampler_steps, metric_views and multiview_views must be >= 1")
+        if min(self.assets, self.sampler_steps, self.structure_steps, self.metric_views, self.multiview_views) < 1:
+            raise ValueError("evaluate.assets, sampler_steps, structure_steps, metric_views and multiview_views must "
+                             "be >= 1")
         if self.resolution < 16 or self.kd_subsets < 1 or self.kd_subset_size < 2:
             raise ValueError("evaluate.resolution >= 16, kd_subsets >= 1, kd_subset_size >= 2")

@@ -9,6 +9,7 @@ from typing import Any
 
 from flux3d.config.pipeline import Config
 from flux3d.config.recipes import eval_config, pipeline_recipe, train_config
+from flux3d.config.training import KINDS
 from flux3d.config.typecheck import build_dataclass
 
 
@@ -16,7 +17,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     """The run's Config; the training and evaluation changes it carries are built into their configs here too, so a
     wrong key or type in `[train.decoder]` fails now, not when the train node starts."""
     cfg = build_dataclass(Config, data, "")
-    for kind in ("decoder", "smdit"):
+    for kind in KINDS:
         train_config(kind, cfg.train.recipe(kind), cfg.train.changes(kind))
     eval_config(cfg.evaluate.recipe, changes=cfg.evaluate.changes)
     return cfg

@@ -28,6 +28,15 @@ class TrainSection:
     replaces the recipe's whole table, as any other field."""
     smdit: dict[str, Any] = field(default_factory=dict)
     """Changes on the SMDiT recipe's TrainConfig; flow.encoder defaults to the encoder the features were made with."""
+    structure: bool = True
+    """Train the sparse-structure stage too (the occupancy VAE, then its image-conditioned flow model), so that
+    `flux3d generate --image` needs no layout and evaluation runs the paper's Tab. 10 protocol."""
+    structure_vae_recipe: str = "paper"
+    structure_flow_recipe: str = "paper"
+    structure_vae: dict[str, Any] = field(default_factory=dict)
+    """Changes on the structure VAE recipe's TrainConfig (its grid is the pipeline's voxel resolution)."""
+    structure_flow: dict[str, Any] = field(default_factory=dict)
+    """Changes on the structure flow recipe's TrainConfig (its latent and grid are the VAE's)."""
     runs: str = "models"
     """Run directories live at <root>/<runs>/<dataset version>/{decoder,smdit,eval}, beside models/promoted.json:
     one set per dataset version, so a re-run of the pipeline resumes (or skips) them and a new version trains
@@ -36,15 +45,15 @@ class TrainSection:
     """Train in the flow's own process (one worker, no Ray Train); for machines where Ray Train cannot run."""
 
     def __post_init__(self) -> None:
-        for name in (self.decoder_recipe, self.smdit_recipe):
+        for name in (self.decoder_recipe, self.smdit_recipe, self.structure_vae_recipe, self.structure_flow_recipe):
             if name not in ("debug", "paper"):
                 raise ValueError(f"train recipes are debug or paper, got {name!r}")
 
     def recipe(self, kind: str) -> str:
-        return self.decoder_recipe if kind == "decoder" else self.smdit_recipe
+        return getattr(self, f"{kind}_recipe")
 
     def changes(self, kind: str) -> dict[str, Any]:
-        return self.decoder if kind == "decoder" else self.smdit
+        return getattr(self, kind)
 
 
 @dataclass(kw_only=True, slots=True)

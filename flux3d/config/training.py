@@ -14,9 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from flux3d.config.typecheck import build_dataclass
-from flux3d.models.configs import DecoderConfig, GaussianConfig, SMDiTConfig
+from flux3d.models.configs import DecoderConfig, GaussianConfig, SMDiTConfig, StructureVAEConfig
 
-Kind = Literal["decoder", "smdit"]
+Kind = Literal["decoder", "smdit", "structure_vae", "structure_flow"]
+KINDS = ("decoder", "smdit", "structure_vae", "structure_flow")
+"""The four models: the Gaussian decoder, the SMDiT (stage 2: latents on a given layout), and the sparse-structure
+stage (stage 1: the occupancy VAE, then the flow model over its latent, which predicts the layout from an image)."""
+FLOW_KINDS = ("smdit", "structure_flow")
+"""Image-conditioned flow-matching models: both are SMDiTs (`smdit` section) trained with the `flow` section."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -118,6 +123,8 @@ class LossConfig:
     """Local torchvision VGG-16 state dict for LPIPS. "" = a random VGG, allowed only with lpips_random."""
     lpips_random: bool = False
     """Accept a random VGG backbone (tests, the demo): the loss then means little; a warning is logged."""
+    occupancy: Literal["dice", "bce", "dice_bce"] = "dice"
+    """The structure VAE's reconstruction loss on occupancy (TRELLIS's ss VAE: Dice; its KL weight is `kl`)."""
 
     def __post_init__(self) -> None:
         if min(self.l1, self.ssim, self.lpips, self.volume, self.opacity, self.kl) < 0:
@@ -140,7 +147,8 @@ class FlowMatchingConfig:
     encoder_location: str = ""
     """Weights of that encoder (see `encode.location`); used when shards hold images, not latents."""
     latents: str = ""
-    """"" = diffuse the FLUX features (the paper's Dec-Only model). An encoder-decoder's run directory (trained to
+    """structure_flow: the structure VAE run whose latent it diffuses (required). SMDiT: "" = diffuse the FLUX
+    features (the paper's Dec-Only model). An encoder-decoder's run directory (trained to
     its last step) = diffuse that decoder's latent (`smdit.in_channels` = its `latent_channels`; Tab. 3's Enc-Dec
     row), normalised with statistics of the train split's latents (`latent_stats_assets` of them)."""
     latent_stats_assets: int = 1000
@@ -185,6 +193,9 @@ class TrainConfig:
     recipe: str = ""
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     smdit: SMDiTConfig = field(default_factory=SMDiTConfig)
+    """The SMDiT, and the structure flow model's transformer (an SMDiT over the structure latent's grid)."""
+    structure: StructureVAEConfig = field(default_factory=StructureVAEConfig)
+    """The structure VAE (structure_vae runs; a structure_flow run reads its VAE's from that run)."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
@@ -193,8 +204,9 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("decoder", "smdit"):
-            raise ValueError(f"kind must be decoder or smdit, got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+
         if self.kind == "smdit" and not self.flow.latents and self.smdit.in_channels != self.decoder.in_channels:
             raise ValueError("smdit.in_channels must equal decoder.in_channels (both are the FLUX latent width; "
                              "an Enc-Dec SMDiT sets flow.latents)")
@@ -241,5 +253,6 @@ def _split(override: str) -> tuple[str, Any]:
     return key.strip(), parse_value(text.strip())
 
 
-__all__ = ["DataConfig", "DecoderConfig", "FlowMatchingConfig", "GaussianConfig", "Kind", "LossConfig",
-           "OptimConfig", "RunConfig", "ScaleConfig", "SMDiTConfig", "TrainConfig", "apply_overrides", "from_dict"]
+__all__ = ["FLOW_KINDS", "KINDS", "DataConfig", "DecoderConfig", "FlowMatchingConfig", "GaussianConfig", "Kind",
+           "LossConfig", "OptimConfig", "RunConfig", "ScaleConfig", "SMDiTConfig", "StructureVAEConfig",
+           "TrainConfig", "apply_overrides", "from_dict"]

@@ -48,6 +48,10 @@ class Models:
     smdit_run: str = ""
     latent: bool = False
     """The SMDiT samples the decoder's own latent (Enc-Dec), not FLUX features."""
+    structure: torch.nn.Module | None = None
+    structure_vae: torch.nn.Module | None = None
+    structure_cfg: TrainConfig | None = None
+    """Stage 1 (a structure_flow run and its VAE): the predicted_layout protocol (paper Tab. 10)."""
 
 
 class Evaluator:
@@ -62,6 +66,9 @@ class Evaluator:
         torch.manual_seed(cfg.seed)
         self.lpips = load_lpips_vgg(cfg.lpips_backbone or None, allow_random=random_ok, device=device)
         self.generate = "generation" in cfg.protocols and models.smdit is not None
+        # Tab. 10 is generation on a predicted layout: it shares generation's input view, renders and networks.
+        self.predict = self.generate and "predicted_layout" in cfg.protocols and models.structure is not None
+        self.empty_layouts = 0
         self.lossy_truth = False  # any asset's ground-truth views stored as lossy WebP
         nets = {"LPIPS-VGG": cfg.lpips_backbone} | ({"CLIP": cfg.clip_weights, "Inception-v3": cfg.inception_weights,
                                                      "DINOv2": cfg.dinov2_weights} if self.generate else {})
@@ -78,10 +85,13 @@ class Evaluator:
             self.clip.to(device)
             nets = {"inception": inception_v3(cfg.inception_weights or None, allow_random=random_ok),
                     "dinov2": dinov2(cfg.dinov2_weights or None, cfg.dinov2_variant, allow_random=random_ok)}
-            self.stats = {(name, side): FeatureStats(net.to(device)) for name, net in nets.items()
-                          for side in ("gen", "gt")}
+            sides = ("gen", "gt", "pgen") if self.predict else ("gen", "gt")
+            self.stats = {(name, side): FeatureStats(net.to(device)) for name, net in nets.items() for side in sides}
             f = models.smdit_cfg.flow
             self.cond_encoder = ConditionEncoder(f.encoder, f.encoder_location, f.cond_resolution, device)
+            if self.predict:
+                f = models.structure_cfg.flow
+                self.structure_encoder = ConditionEncoder(f.encoder, f.encoder_location, f.cond_resolution, device)
 
     def asset(self, a: EvalAsset) -> AssetResult:
         from flux3d.stages.render_layout import spread
@@ -127,6 +137,8 @@ class Evaluator:
                 stats.update((views if side == "gen" else gts).to(self.device))
             res.grid = [inp, pred[0], views[-1], gts[-1]] + res.grid
             final = g
+            if self.predict:
+                self.predicted_layout(a, res, a.cond_images[j], cam, idx, inp)
         if "multiview" in cfg.protocols and final is not None:
             from flux3d.evaluation.metrics import psnr
 
@@ -138,6 +150,41 @@ class Evaluator:
             res.rows["mv_views"] = float(len(idx))
         return res
 
+    def predicted_layout(self, a: EvalAsset, res: AssetResult, cond_png: bytes, cam: dict, idx: list[int],
+                         inp: torch.Tensor) -> None:
+        """Tab. 10: stage 1 predicts the layout from the input view; generation as above on it; the layout against
+        the ground-truth voxels. An empty prediction scores IoU 0 and generates nothing (counted in the caveats)."""
+        from flux3d.evaluation.metrics import chamfer_distance, clip_score, layout_iou
+        from flux3d.models.flow_matching import SamplerConfig
+        from flux3d.models.inference import generate, predict_layout
+
+        cfg, R, bg, m = self.cfg, self.cfg.resolution, self.bg, self.m
+        seed = zlib.crc32(f"{cfg.seed}:{a.key}".encode())
+        size = m.structure_cfg.flow.cond_resolution
+        s_latents = self.structure_encoder(image(cond_png, bg, size)[None].to(self.device))
+        try:
+            layout, _ = predict_layout(m.structure, m.structure_vae, s_latents,
+                                       SamplerConfig(steps=cfg.structure_steps, guidance=cfg.structure_guidance), seed)
+        except ValueError:
+            res.rows["layout_iou"] = 0.0
+            self.empty_layouts += 1
+            return
+        res.rows["layout_iou"] = layout_iou(layout, a.coords)
+        res.rows["layout_chamfer"] = chamfer_distance(layout, a.coords, m.structure_vae.cfg.grid)
+        latents = self.cond_encoder(image(cond_png, bg, m.smdit_cfg.flow.cond_resolution)[None].to(self.device))
+        sampler = SamplerConfig(steps=cfg.sampler_steps, guidance=cfg.guidance)
+        g = generate(m.smdit, m.decoder, latents, layout, sampler, seed=seed, latent=m.latent).gaussians
+        cams, stored = a.cameras["views"], a.cameras["resolution"]
+        pred = render(g, scaled(cam["K"], a.cameras["cond_resolution"], R)[None], torch.tensor(cam["w2c"])[None], R,
+                      bg)
+        res.rows |= view_metrics("pgen", pred, inp[None], self.lpips)
+        K = torch.stack([scaled(cams[i]["K"], stored, R) for i in idx])
+        views = render(g, K, torch.tensor([cams[i]["w2c"] for i in idx]), R, bg)
+        res.rows["pgen_clip"] = float(clip_score(views.to(self.device), inp[None].to(self.device), self.clip).mean())
+        for name in ("inception", "dinov2"):
+            self.stats[(name, "pgen")].update(views.to(self.device))
+        res.grid += [pred[0]]
+
     def distances(self) -> tuple[dict[str, float], list[str]]:
         """FD and KD (raw; the paper's KD(%) is x100) per feature network, generated vs ground-truth views, and the
         caveats the report states about them (too few samples for the feature width)."""
@@ -148,18 +195,23 @@ class Evaluator:
                    "that use them check the plumbing and measure nothing."] if self.random_networks else []
         if self.lossy_truth:
             caveats.append(LOSSY_TRUTH)
+        if self.empty_layouts:
+            caveats.append(f"Stage 1 predicted an empty layout for {self.empty_layouts} asset(s): layout IoU 0, no "
+                           "generation on them (Tab. 10's other columns average over the rest).")
         if not self.generate:
             return out, caveats
         for name in ("inception", "dinov2"):
-            gen, gt = self.stats[(name, "gen")], self.stats[(name, "gt")]
-            if gen.num_samples < 2:
-                continue
-            caveat = fd_caveat(min(gen.num_samples, gt.num_samples), gen.features.shape[1], name)
-            caveats += [caveat] if caveat else []
-            out[f"fd_{name}"] = frechet_distance(gen, gt)
-            kd = kernel_distance(gen, gt, subsets=self.cfg.kd_subsets,
-                                 subset_size=min(self.cfg.kd_subset_size, gen.num_samples), seed=self.cfg.seed)
-            out[f"kd_{name}"] = kd.mean
+            gt = self.stats[(name, "gt")]
+            for side, suffix in (("gen", ""), ("pgen", "_pred")):
+                gen = self.stats.get((name, side))
+                if gen is None or gen.num_samples < 2:
+                    continue
+                caveat = fd_caveat(min(gen.num_samples, gt.num_samples), gen.features.shape[1], name)
+                caveats += [caveat] if caveat and caveat not in caveats else []
+                out[f"fd_{name}{suffix}"] = frechet_distance(gen, gt)
+                kd = kernel_distance(gen, gt, subsets=self.cfg.kd_subsets,
+                                     subset_size=min(self.cfg.kd_subset_size, gen.num_samples), seed=self.cfg.seed)
+                out[f"kd_{name}{suffix}"] = kd.mean
         return out, caveats
 
 
@@ -183,8 +235,9 @@ def run(cfg: EvalConfig, models: Models, device: torch.device) -> dict[str, Any]
 
 
 def evaluate(cfg: EvalConfig, decoder_run: str, smdit_run: str | None, out: str,
-             previous: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load the models (their EMA weights), run the protocols, write the report folder `out`; returns the report."""
+             previous: dict[str, Any] | None = None, structure_run: str | None = None) -> dict[str, Any]:
+    """Load the models (their EMA weights), run the protocols, write the report folder `out`; returns the report.
+    `structure_run`: a structure_flow run, for the predicted-layout protocol (Tab. 10)."""
     import dataclasses
 
     from flux3d.evaluation.report import write_report
@@ -209,5 +262,11 @@ def evaluate(cfg: EvalConfig, decoder_run: str, smdit_run: str | None, out: str,
         info |= {"smdit_run": smdit_run, "smdit_step": ckpt_io.resolve(smdit_run)[1].step,
                  "smdit_diffuses": f"{scfg.smdit.in_channels}-channel " + ("decoder latent" if models.latent else
                                                                             "FLUX features")}
+    if structure_run:
+        models.structure, models.structure_vae, models.structure_cfg = ckpt_io.load_structure(structure_run, device)
+        if models.structure_vae.cfg.grid != dcfg.decoder.gaussians.resolution:
+            raise ValueError(f"{structure_run} predicts {models.structure_vae.cfg.grid}^3 layouts, the decoder works "
+                             f"on {dcfg.decoder.gaussians.resolution}^3")
+        info |= {"structure_run": structure_run, "structure_step": ckpt_io.resolve(structure_run)[1].step}
     result = run(cfg, models, device)
     return write_report(out, result, info, previous)

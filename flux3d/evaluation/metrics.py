@@ -228,3 +228,21 @@ def kernel_distance(a: FeatureStats | Tensor, b: FeatureStats | Tensor, *, subse
         values.append(poly_mmd(x_NF[x_idx], y_MF[y_idx], degree=degree))
     values_S = torch.stack(values)
     return KernelDistance(mean=float(values_S.mean()), std=float(values_S.std(unbiased=False)))
+
+
+def layout_iou(pred_N3: np.ndarray, true_M3: np.ndarray) -> float:
+    """|P & T| / |P | T| of two sparse layouts (sets of integer voxel coordinates)."""
+    p, t = ({tuple(c) for c in np.asarray(x, np.int64).tolist()} for x in (pred_N3, true_M3))
+    return len(p & t) / max(len(p | t), 1)
+
+
+def chamfer_distance(pred_N3: np.ndarray, true_M3: np.ndarray, resolution: int) -> float:
+    """Symmetric Chamfer distance between the voxel centres of two layouts in the assets' unit cube: the mean
+    nearest-neighbour distance from each set to the other, averaged over both directions (L2, not squared; one
+    voxel is 1 / resolution)."""
+    from scipy.spatial import cKDTree
+
+    p, t = (np.asarray(x, np.float64) / resolution for x in (pred_N3, true_M3))
+    if not len(p) or not len(t):
+        return float("inf")
+    return 0.5 * float(cKDTree(t).query(p)[0].mean() + cKDTree(p).query(t)[0].mean())

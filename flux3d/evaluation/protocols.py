@@ -6,6 +6,9 @@
   paper's setting), the decoder renders them from the input view's camera: SSIM / PSNR / LPIPS against the input;
   CLIP score of `metric_views` renders against the input; FD / KD (Inception-v3 and DINOv2 features) between the
   generated and ground-truth views at the same cameras, over all assets.
+- predicted_layout (Tab. 10, with a structure model): the full image-to-3D pipeline on the same input view: stage 1
+  predicts the layout from the image, then generation as above on it (PSNR / LPIPS / CLIP / FD), and the layout
+  against the ground-truth voxels (IoU, Chamfer distance between voxel centres in the unit cube).
 - multiview (Tab. 12): the final Gaussians (generated, else reconstructed) at `multiview_views` views spread over
   the full azimuth (the stored supervision views nearest to evenly spaced azimuths), PSNR per view: mean and std.
 

@@ -19,6 +19,8 @@ import numpy as np
 
 from flux3d.storage import Storage
 
+NAN = float("nan")
+
 # Paper Tab. 2 (reconstruction on Toys4k): SSIM, PSNR, LPIPS.
 PAPER_RECON = [("GaussianAnything", 0.9475, 26.73, 0.06397), ("TRELLIS", 0.9719, 31.54, 0.02964),
                ("FLUX3D Enc-Dec (paper)", 0.9779, 33.80, 0.02699), ("FLUX3D Dec-Only (paper)", 0.9783, 34.12, 0.02668)]
@@ -26,12 +28,16 @@ PAPER_RECON = [("GaussianAnything", 0.9475, 26.73, 0.06397), ("TRELLIS", 0.9719,
 PAPER_GEN = [("TRELLIS", 0.9558, 25.48, 0.04389, 97.92, 11.29, 0.047, 63.66, 0.62),
              ("FLUX3D Enc-Dec (paper)", 0.9615, 26.08, 0.03958, 98.40, 8.81, 0.039, 58.43, 0.49),
              ("FLUX3D Dec-Only (paper)", 0.9653, 26.26, 0.03509, 98.37, 8.73, 0.039, 54.92, 0.42)]
+# Tab. 10 (the full pipeline, layouts predicted by TRELLIS's stage 1): PSNR, LPIPS, CLIP, FD_incep, FD_dinov2. The
+# paper gives no layout quality; ours adds IoU and Chamfer distance against the ground-truth voxels.
+PAPER_PREDICTED = [("TRELLIS (TRELLIS stage 1)", 20.32, 0.104, 94.22, 18.71, 129.78, NAN, NAN),
+                   ("FLUX3D Dec-Only (TRELLIS stage 1)", 22.32, 0.0715, 95.57, 12.61, 102.04, NAN, NAN)]
 # Tab. 12 (multi-view consistency, 24 views over the azimuth): mean PSNR, std.
 PAPER_MV = [("TRELLIS", 25.08, 1.76), ("FLUX3D (paper)", 25.96, 1.44)]
 
 def better(name: str) -> str:
     """Which direction improves a summary metric: spreads and distances go down, fidelity and alignment go up."""
-    if name.endswith("_std") or any(t in name for t in ("lpips", "fd_", "kd_")):
+    if name.endswith("_std") or any(t in name for t in ("lpips", "fd_", "kd_", "chamfer")):
         return "min"
     return "max"  # psnr, ssim, clip
 
@@ -56,7 +62,8 @@ def tables(summary: dict[str, float], label: str, previous: dict[str, float] | N
     """(title, header, rows) of each report table."""
     s = {k: summary.get(k, float("nan")) for k in (
         "recon_ssim", "recon_psnr", "recon_lpips", "gen_ssim", "gen_psnr", "gen_lpips", "gen_clip", "fd_inception",
-        "kd_inception", "fd_dinov2", "kd_dinov2", "mv_psnr_mean", "mv_psnr_std")}
+        "kd_inception", "fd_dinov2", "kd_dinov2", "mv_psnr_mean", "mv_psnr_std", "pgen_psnr", "pgen_lpips",
+        "pgen_clip", "fd_inception_pred", "fd_dinov2_pred", "layout_iou", "layout_chamfer")}
     out = []
     if not np.isnan(s["recon_psnr"]):
         out.append(("Reconstruction (paper Tab. 2)", ["method", "SSIM", "PSNR", "LPIPS"],
@@ -67,6 +74,12 @@ def tables(summary: dict[str, float], label: str, previous: dict[str, float] | N
         out.append(("Generation (paper Tab. 3)", ["method", "SSIM", "PSNR", "LPIPS", "CLIP", "FD incep",
                                                   "KD incep (%)", "FD dinov2", "KD dinov2 (%)"],
                     [list(r) for r in PAPER_GEN] + [ours]))
+    if not np.isnan(s["layout_iou"]):
+        ours = [f"{label}, our stage 1", s["pgen_psnr"], s["pgen_lpips"], s["pgen_clip"], s["fd_inception_pred"],
+                s["fd_dinov2_pred"], s["layout_iou"], s["layout_chamfer"]]
+        out.append(("Full pipeline with predicted layouts (paper Tab. 10)",
+                    ["method", "PSNR", "LPIPS", "CLIP", "FD incep", "FD dinov2", "layout IoU", "layout Chamfer"],
+                    [list(r) for r in PAPER_PREDICTED] + [ours]))
     if not np.isnan(s["mv_psnr_mean"]):
         out.append(("Multi-view consistency (paper Tab. 12)", ["method", "mean PSNR", "std"],
                     [list(r) for r in PAPER_MV] + [[label, s["mv_psnr_mean"], s["mv_psnr_std"]]]))
@@ -134,9 +147,11 @@ def write_report(out: str, result: dict[str, Any], info: dict[str, Any],
            "previous": previous and {"time": previous.get("time"), "summary": previous.get("summary")}}
     title = f"FLUX3D evaluation: {result['count']} assets"
     diffuses = f", diffusing the {info['smdit_diffuses']}" if "smdit_diffuses" in info else ""
+    structure = (f", stage 1 {info['structure_run']} (step {info['structure_step']})" if "structure_run" in info
+                 else "")
     notes = [f"Models ({info.get('variant', 'Dec-Only')}): decoder {info.get('decoder_run')} (step "
              f"{info.get('decoder_step')}), SMDiT {info.get('smdit_run') or '-'} (step {info.get('smdit_step', '-')}"
-             f"{diffuses}). Assets: {result['shards']}.",
+             f"{diffuses}){structure}. Assets: {result['shards']}.",
              "Published rows are the paper's Toys4k numbers with its full-size models; the last row is this run, on "
              "these assets, for orientation. KD is x100 as in the paper; FD/KD use torchvision's Inception-v3, so "
              "they compare across runs of this code, not with published FIDs.", *result.get("caveats", [])]

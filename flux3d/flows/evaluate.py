@@ -28,10 +28,13 @@ def evaluate_task(cfg: Config, version: str) -> dict[str, Any]:
     run = storage.path(cfg.train.runs, version)
     out = f"{run}/eval"
     ecfg = eval_config(cfg.evaluate.recipe, changes=cfg.evaluate.changes)
+    structure = f"{run}/structure_flow" if cfg.train.structure else None
+    kinds = ("decoder", "smdit", "structure") if structure else ("decoder", "smdit")
     if Storage(out).exists("report.json"):  # the same models and settings evaluated already: nothing to redo
         done = json.loads(Storage(out).read_bytes("report.json"))
         steps = [ckpt_io.resolve(f"{run}/{k}")[1].step for k in ("decoder", "smdit")]
-        if done["config"] == dataclasses.asdict(ecfg) and [done["decoder_step"], done.get("smdit_step")] == steps:
+        steps += [ckpt_io.resolve(structure)[1].step] if structure else []
+        if done["config"] == dataclasses.asdict(ecfg) and [done.get(f"{k}_step") for k in kinds] == steps:
             get_run_logger().info("evaluation of %s is up to date: %s/report.md", version, out)
             return {"metrics": done["metrics"], "model": run, "report": out}
     previous = None
@@ -40,7 +43,7 @@ def evaluate_task(cfg: Config, version: str) -> dict[str, Any]:
         report = json.loads(storage.read_bytes(promoted)).get("report")
         if report and Storage(report).exists("report.json"):
             previous = json.loads(Storage(report).read_bytes("report.json"))
-    doc = evaluate(ecfg, f"{run}/decoder", f"{run}/smdit", out, previous)
+    doc = evaluate(ecfg, f"{run}/decoder", f"{run}/smdit", out, previous, structure)
     md = Storage(out).read_bytes("report.md").decode()
     if Storage(out).exists("grid.png"):
         md = md.split("![")[0] + thumbnail(Storage(run), "eval/grid.png", width=768)
@@ -51,5 +54,6 @@ def evaluate_task(cfg: Config, version: str) -> dict[str, Any]:
 @flow(name="flux3d-evaluate", log_prints=True)
 def evaluate_flow(root: str, dataset_version: str, config: str | None = None, recipe: str | None = None,
                   ray_address: str | None = None) -> dict[str, Any]:
-    """Evaluate the decoder and SMDiT trained on `dataset_version` (models/<version>/) and write the report."""
+    """Evaluate the decoder and SMDiT trained on `dataset_version` (models/<version>/), with the structure model when
+    the pipeline trains one (Tab. 10), and write the report."""
     return evaluate_task(flow_config(root, config, recipe, ray_address), dataset_version)

@@ -106,3 +106,32 @@ class SMDiTConfig:
             raise ValueError("smdit.arch = dit uses double_blocks as its block count; set single_blocks = 0")
         if self.grid % 2:
             raise ValueError("smdit.grid must be even (2^3 patchify)")
+
+
+@dataclass(kw_only=True, slots=True)
+class StructureVAEConfig:
+    """The sparse-structure VAE (models/structure.py): dense occupancy <-> a low-resolution latent grid."""
+
+    grid: int = 64
+    """Occupancy grid: the dataset's voxel resolution."""
+    channels: list[int] = field(default_factory=lambda: [32, 128, 512])
+    """Channels per level, finest first; each level after the first halves the grid (TRELLIS: 32, 128, 512 ->
+    64^3 -> 16^3)."""
+    blocks: int = 2
+    """Residual blocks per level (TRELLIS: 2)."""
+    latent_channels: int = 8
+    augment: bool = False
+    """Train on each grid under one of its 48 axis flips and permutations, drawn per sample: shapes seen in every
+    orientation, for small datasets where the VAE would otherwise memorise its few assets (TRELLIS's 500K assets
+    need none)."""
+
+    def __post_init__(self) -> None:
+        if len(self.channels) < 1 or min(self.channels) < 1 or self.blocks < 0 or self.latent_channels < 1:
+            raise ValueError("structure: at least one level of channels >= 1, blocks >= 0, latent_channels >= 1")
+        if self.grid % (1 << (len(self.channels) - 1)) or self.latent_resolution % 2:
+            raise ValueError(f"structure.grid {self.grid} must divide by 2^{len(self.channels) - 1} into an even "
+                             "latent grid (the flow model patchifies it by 2^3)")
+
+    @property
+    def latent_resolution(self) -> int:
+        return self.grid >> (len(self.channels) - 1)

@@ -1,11 +1,13 @@
 """Image -> 3D Gaussians with trained models: `flux3d generate`.
 
-    image (RGBA or RGB)  --composite, resize, FLUX encoder-->  conditioning latents (1, 16, h, w)
-    sparse layout (N, 3) --SMDiT + Euler/CFG sampler-->  per-voxel FLUX latents (N, 16)
+    image (RGBA or RGB)  --alpha or matting, recentre (features/photo.py), FLUX encoder-->  cond latents (1, 16, h, w)
+    [stage 1] cond latents --structure flow (an SMDiT over the VAE's latent grid) + sampler--> latent (8, 16^3)
+      --structure VAE decoder--> occupancy logits (64^3) --> sparse layout (N, 3): the cells with logit > 0
+    [stage 2] sparse layout (N, 3) --SMDiT + Euler/CFG sampler-->  per-voxel FLUX latents (N, 16)
       --decoder-->  Gaussians  --> 3DGS .ply  +  a turntable (PNG grid, optional GIF)
 
-The paper assumes the sparse voxel layout is given (a stage-1 model would predict it); here it comes from a
-voxel file (`voxels/<sha>.npy`), a feature file (`features/<encoder>/<sha>.npz`) or a shard sample.
+The paper's protocol gives the layout (a voxelized ground-truth mesh); here it comes from a voxel file
+(`voxels/<sha>.npy`), a feature file (`features/<encoder>/<sha>.npz`) or a shard sample, or from stage 1.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from flux3d.models.gaussians import Gaussians
 from flux3d.models.rasterizer import rasterize
 from flux3d.models.smdit import SMDiT
 from flux3d.models.sparse import SparseBatch
+from flux3d.models.structure import StructureVAE, from_tokens, grid_tokens, layouts
 
 
 def read_layout(path: str) -> np.ndarray:
@@ -85,6 +88,23 @@ def generate(smdit: SMDiT, decoder: GaussianDecoder, cond_latents: torch.Tensor,
     gen = torch.Generator(device).manual_seed(seed)
     latents = sample(smdit, batch.coords, batch.offsets, cond_latents.to(device), sampler, gen)
     return Generated(latents, decode_gaussians(decoder, coords_N3, latents, latent))
+
+
+@torch.no_grad()
+def predict_layout(flow: SMDiT, vae: StructureVAE, cond_latents: torch.Tensor, sampler: SamplerConfig,
+                   seed: int = 0) -> tuple[np.ndarray, torch.Tensor]:
+    """Stage 1: the sparse layout (N, 3) uint8 predicted for one conditioning image, and the occupancy logits
+    (1, 1, R, R, R) it was thresholded from. An empty prediction is an error (nothing to put latents on)."""
+    device = next(flow.parameters()).device
+    r = vae.cfg.latent_resolution
+    coords, offsets = grid_tokens(1, r, device)
+    gen = torch.Generator(device).manual_seed(seed)
+    z = sample(flow, coords, offsets, cond_latents.to(device), sampler, gen)
+    logits = vae.decode(from_tokens(z, 1, r).to(next(vae.parameters()).device))
+    (layout,) = layouts(logits)
+    if len(layout) == 0:
+        raise ValueError("the structure model predicted an empty layout (no cell with occupancy logit > 0)")
+    return layout, logits
 
 
 @torch.no_grad()

@@ -50,6 +50,7 @@ from torch import nn
 from flux3d.config.training import TrainConfig, from_dict
 from flux3d.models.decoder import GaussianDecoder
 from flux3d.models.smdit import SMDiT
+from flux3d.models.structure import StructureVAE
 from flux3d.storage import TMP_MARK, Storage
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,25 @@ def decodes_latent(smdit_cfg: TrainConfig, decoder_path: str) -> bool:
     return True
 
 
+def load_structure(path: str, device: str | torch.device = "cpu") -> tuple[nn.Module, nn.Module, TrainConfig]:
+    """Stage 1 from a structure_flow run (or checkpoint): the flow model, the structure VAE whose latent it
+    diffuses (the run its `flow.latents` names) and the flow's config."""
+    flow, cfg = load_model(path, device=device)
+    if cfg.kind != "structure_flow":
+        raise ValueError(f"{path} is a {cfg.kind} run, not a structure_flow run")
+    vae, vcfg = load_model(cfg.flow.latents, device=device)
+    if vcfg.kind != "structure_vae":
+        raise ValueError(f"{cfg.flow.latents} (the latent of {path}) is a {vcfg.kind} run, not a structure_vae run")
+    return flow, vae, cfg
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    """A fresh model of a run's kind (both flow models are SMDiTs: the structure flow over its latent's grid)."""
+    if cfg.kind == "decoder":
+        return GaussianDecoder(cfg.decoder)
+    return StructureVAE(cfg.structure) if cfg.kind == "structure_vae" else SMDiT(cfg.smdit)
+
+
 def load_model(path: str, which: str = "ema", device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:
     """A trained model from a run directory (its newest checkpoint) or a checkpoint folder, on one process. `which`
     = ema (the weights to evaluate, when the run kept an EMA) | model (the raw weights)."""
@@ -210,7 +230,7 @@ def load_model(path: str, which: str = "ema", device: str | torch.device = "cpu"
         raise ValueError(f"which must be ema or model, got {which!r}")
     run, ckpt = resolve(path)
     cfg: TrainConfig = from_dict(TrainConfig, ckpt.meta["config"])
-    model: nn.Module = GaussianDecoder(cfg.decoder) if cfg.kind == "decoder" else SMDiT(cfg.smdit)
+    model = build_model(cfg)
     weights = model.state_dict()
     state: dict[str, Any] = {"model": weights}
     if which == "ema" and cfg.optim.ema_decay > 0:

@@ -14,6 +14,7 @@ the statistics are those of the encoded train split.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from flux3d.config.training import TrainConfig
 from flux3d.features.vae import ConditionEncoder
 from flux3d.models.flow_matching import flow_matching_loss, logit_normal, normalize
 from flux3d.models.smdit import SMDiT, smdit_layout
-from flux3d.models.sparse import SparseBatch
+from flux3d.models.sparse import PatchLayout, SparseBatch
 from flux3d.training.data import Batch, LayoutFn, every_sample, shard_urls
 from flux3d.training.step import Step, unwrap
 
@@ -42,7 +43,22 @@ class SMDiTStep(Step):
         f = cfg.flow
         self.cond_encoder = ConditionEncoder(f.encoder, f.encoder_location, f.cond_resolution, device)
         self._decoder: tuple[int, nn.Module] | None = None  # (step, decoder) for the image grids
-        self.latents = EncDecLatents(cfg, device) if f.latents else None
+        self.latents = self.frozen_encoder()
+
+    def frozen_encoder(self) -> EncDecLatents | None:
+        """What turns a batch's voxels into the latents diffused: None = the FLUX features themselves."""
+        return EncDecLatents(self.cfg, self.device) if self.cfg.flow.latents else None
+
+    def diffused(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Normalised latents z0 (M, C) of the batch, rows as `tokens` lays them out."""
+        v = batch.voxels
+        return normalize(unwrap(model), self.latents(v) if self.latents else v.feats.float())
+
+    def tokens(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, PatchLayout]:
+        """Where the diffused latents live: coords (M, 4), offsets (B + 1,) and their 2^3 patchify (the loader's
+        workers built it on the host)."""
+        v = batch.voxels
+        return v.coords, v.offsets, batch.layout if batch.layout is not None else smdit_layout(v.coords, v.offsets)
 
     def build_model(self) -> nn.Module:
         model = SMDiT(self.cfg.smdit)
@@ -60,28 +76,24 @@ class SMDiTStep(Step):
     def step(self, model: nn.Module, batch: Batch, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
         if batch.cond is None:
             raise ValueError("SMDiT training needs conditioning views in the shards (shard.cond_views > 0)")
-        v, f = batch.voxels, self.cfg.flow
-        B = v.batch_size
+        f, B = self.cfg.flow, batch.voxels.batch_size
         cond = self.cond_encoder(batch.cond)
-        z0 = normalize(unwrap(model), self.latents(v) if self.latents else v.feats.float())
+        z0, (coords, offsets, layout) = self.diffused(model, batch), self.tokens(batch)
         t = logit_normal(B, f.logit_normal_mean, f.logit_normal_std, gen, self.device)
         eps = torch.randn(z0.shape, generator=gen, device=self.device)
         drop = torch.rand(B, generator=gen, device=self.device) < f.cond_drop
-        loss = flow_matching_loss(model, z0, v.coords, v.offsets, cond, t, eps, drop, batch.layout)
+        loss = flow_matching_loss(model, z0, coords, offsets, cond, t, eps, drop, layout)
         return loss, {"t_mean": t.mean().detach()}
 
     def work(self, model: nn.Module, batch: Batch) -> dict[str, float]:
-        v = batch.voxels
-        img_tokens = 0
+        B, img_tokens = batch.voxels.batch_size, 0
         if batch.cond is not None:
             side = batch.cond.shape[-1] if batch.cond.shape[1] != 3 else self.cfg.flow.cond_resolution // 8
             img_tokens = (side // 2) ** 2
-        # The voxel tokens are the coarse voxels of the 2^3 patchify: the loader's layout has them on the host.
-        layout = batch.layout if batch.layout is not None else smdit_layout(v.coords, v.offsets)
-        flops = unwrap(model).flops(v.coords, v.offsets, img_tokens, layout) if self.device.type == "cuda" else 0.0
-        voxel_tokens = layout.num_coarse
-        return {"samples": float(v.batch_size), "tokens": float(voxel_tokens + v.batch_size * img_tokens),
-                "flops": flops}
+        # The voxel tokens are the coarse voxels of the 2^3 patchify: the layout has them on the host.
+        coords, offsets, layout = self.tokens(batch)
+        flops = unwrap(model).flops(coords, offsets, img_tokens, layout) if self.device.type == "cuda" else 0.0
+        return {"samples": float(B), "tokens": float(layout.num_coarse + B * img_tokens), "flops": flops}
 
     def images(self, model: nn.Module, batch: Batch) -> torch.Tensor | None:
         """With `run.decoder_run`: the first asset's target view above its render from latents sampled for its
@@ -145,19 +157,23 @@ class EncDecLatents:
         return self.decoder.encode(voxels.feats.float(), voxels.coords, voxels.offsets).float()
 
     def stats(self, urls: list[str], assets: int, batch_size: int) -> tuple[list[float], list[float]]:
-        """Per-channel mean and std of the latents of the first `assets` samples in shard order (every rank reads
-        the same ones, so every rank normalises alike)."""
-        total, count = None, 0
-        device = next(self.decoder.parameters()).device
-        for batch in every_sample(urls, batch_size):
-            z = self(batch.voxels.to(device)).double()
-            sums = torch.stack([z.sum(0), (z * z).sum(0)])
-            total, count = (sums if total is None else total + sums), count + len(z)
-            assets -= len(batch.keys)
-            if assets <= 0:
-                break
-        if total is None:
-            raise ValueError(f"no samples in {urls[:3]} to take latent statistics from")
-        mean = total[0] / count
-        std = (total[1] / count - mean * mean).clamp_min(0).sqrt()
-        return mean.tolist(), std.tolist()
+        return latent_stats(self, urls, assets, batch_size, next(self.decoder.parameters()).device)
+
+
+def latent_stats(encode: Callable[[SparseBatch], torch.Tensor], urls: list[str], assets: int, batch_size: int,
+                 device: torch.device) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of `encode`'s latents (rows x channels) over the first `assets` samples in shard
+    order (every rank reads the same ones, so every rank normalises alike)."""
+    total, count = None, 0
+    for batch in every_sample(urls, batch_size):
+        z = encode(batch.voxels.to(device)).double()
+        sums = torch.stack([z.sum(0), (z * z).sum(0)])
+        total, count = (sums if total is None else total + sums), count + len(z)
+        assets -= len(batch.keys)
+        if assets <= 0:
+            break
+    if total is None:
+        raise ValueError(f"no samples in {urls[:3]} to take latent statistics from")
+    mean = total[0] / count
+    std = (total[1] / count - mean * mean).clamp_min(0).sqrt()
+    return mean.tolist(), std.tolist()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from flux3d.config.features import FLUX_ENCODERS
-from flux3d.config.training import TrainConfig
+from flux3d.config.training import FLOW_KINDS, TrainConfig
 from flux3d.training.data import Batch, LayoutFn, make_loader, shard_urls
 
 
@@ -41,14 +41,20 @@ def read_stats(version_dir: str) -> dict[str, Any]:
 
 def check_features(cfg: TrainConfig, stats: dict[str, Any]) -> None:
     """The shards' features must be what the model reads: as many channels as its input, and FLUX latents for the
-    SMDiT (it denoises them and encodes its conditioning image with a FLUX encoder). The other encoders' datasets
-    are for the decoder's input-feature study (paper Tab. 2b, `flux3d study features`)."""
+    image-conditioned models (the SMDiT denoises them; both it and the structure flow encode their conditioning
+    image with the FLUX encoder the features were made with). The other encoders' datasets are for the decoder's
+    input-feature study (paper Tab. 2b, `flux3d study features`). The structure VAE reads occupancy only."""
     encoder = stats.get("encoder")
+    if cfg.kind == "structure_flow" and not cfg.flow.latents:
+        raise ValueError("a structure_flow run diffuses a structure VAE's latent: set flow.latents to that run")
     if cfg.kind == "smdit" and encoder and encoder not in FLUX_ENCODERS:
         raise ValueError(f"{cfg.data.shards} holds {encoder} features: the SMDiT works in FLUX's latent space only "
                          f"({' or '.join(FLUX_ENCODERS)} shards); other encoders are for decoder studies")
-    if cfg.kind == "smdit" and cfg.flow.latents:
-        return  # an Enc-Dec SMDiT reads the features through its frozen decoder (smdit_step.EncDecLatents)
+    if cfg.kind == "structure_flow" and not cfg.flow.encoder and encoder and encoder not in FLUX_ENCODERS:
+        raise ValueError(f"{cfg.data.shards} holds {encoder} features: set flow.encoder to the FLUX encoder the "
+                         "structure flow conditions on")
+    if cfg.kind in ("structure_vae", "structure_flow") or cfg.flow.latents:
+        return  # occupancy, or a latent made from the features by a frozen model (smdit_step / structure_step)
     # Versions written before stats.json named its channel count have 16-channel FLUX statistics.
     channels = stats.get("channels") or len(stats.get("mu_mean") or [])
     field = "decoder.in_channels" if cfg.kind == "decoder" else "smdit.in_channels"
@@ -56,6 +62,14 @@ def check_features(cfg: TrainConfig, stats: dict[str, Any]) -> None:
     if channels and channels != width:
         raise ValueError(f"{cfg.data.shards} holds {channels}-channel {encoder} features but {field} = {width}: "
                          f"set {field} = {channels}")
+
+
+def model_grid(cfg: TrainConfig) -> tuple[str, int]:
+    """The config field naming the voxel grid the model reads, and its value (checked against the shards'). A
+    structure flow's grid is its VAE's (structure_step checks it against that run)."""
+    return {"decoder": ("decoder.gaussians.resolution", cfg.decoder.gaussians.resolution),
+            "smdit": ("smdit.grid", cfg.smdit.grid),
+            "structure_vae": ("structure.grid", cfg.structure.grid)}.get(cfg.kind, ("", 0))
 
 
 class Step:
@@ -70,10 +84,9 @@ class Step:
         self.cfg, self.device = cfg, device
         self.stats = read_stats(cfg.data.shards)
         grid = self.stats.get("voxel_resolution")
-        model_grid = cfg.decoder.gaussians.resolution if cfg.kind == "decoder" else cfg.smdit.grid
-        if grid is not None and grid != model_grid:
-            field = "decoder.gaussians.resolution" if cfg.kind == "decoder" else "smdit.grid"
-            raise ValueError(f"{cfg.data.shards} holds {grid}^3 voxels but {field} = {model_grid}")
+        field, want = model_grid(cfg)
+        if grid is not None and field and grid != want:
+            raise ValueError(f"{cfg.data.shards} holds {grid}^3 voxels but {field} = {want}")
         check_features(cfg, self.stats)
 
     def build_model(self) -> nn.Module:

@@ -1,9 +1,10 @@
-"""The training loop, shared by the decoder and the SMDiT, run by Ray Train on any number of workers.
+"""The training loop, shared by the decoder, the SMDiT and the structure stage's two models, run by Ray Train on any
+number of workers.
 
     fit(cfg)  ->  Ray Train TorchTrainer(train_loop, num_workers, GPUs or CPUs)  ->  train_loop on every worker
     fit(cfg, local=True)  ->  train_loop in this process (one worker, no Ray: benchmarks, notebooks)
 
-What differs between the two models is a `Step` (step.py): how to build the model and what one step's loss is;
+What differs between the models is a `Step` (step.py; `STEPS` below): how to build the model and what one step's loss is;
 everything else lives here once: DDP or FSDP2, AdamW with warm-up, bf16 autocast on CUDA, gradient clipping, EMA,
 sharded checkpoints (torch.distributed.checkpoint) with exact resume, metrics (metrics.jsonl + TensorBoard scalars
 and image grids), throughput and MFU.
@@ -26,15 +27,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flux3d.config.training import TrainConfig, from_dict
+from flux3d.config.training import FLOW_KINDS, TrainConfig, from_dict
 from flux3d.storage import Storage
 from flux3d.training import checkpoint as ckpt_io
 from flux3d.training.decoder_step import DecoderStep
 from flux3d.training.smdit_step import SMDiTStep
 from flux3d.training.step import Step, check_features, read_stats, unwrap
+from flux3d.training.structure_step import StructureFlowStep, StructureVAEStep
 from flux3d.training.telemetry import Telemetry, peak_flops
 
 log = logging.getLogger(__name__)
+
+STEPS: dict[str, type[Step]] = {"decoder": DecoderStep, "smdit": SMDiTStep, "structure_vae": StructureVAEStep,
+                                "structure_flow": StructureFlowStep}
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -154,7 +159,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         torch.cuda.set_device(device)
     bf16 = cfg.scale.precision == "bf16" or (cfg.scale.precision == "auto" and device.type == "cuda")
     run = Storage(cfg.run.out)
-    model_step: Step = (DecoderStep if cfg.kind == "decoder" else SMDiTStep)(cfg, device)
+    model_step: Step = STEPS[cfg.kind](cfg, device)
 
     model, optim, sched, ema = build(cfg, model_step, device, world)
 
@@ -300,10 +305,10 @@ def _position(state: dict[str, Any], rank: int, world: int) -> tuple[int, int]:
 
 
 def with_feature_encoder(cfg: TrainConfig) -> TrainConfig:
-    """An SMDiT config whose `flow.encoder` is left empty gets the encoder the shards' features were made with
-    (stats.json), so conditioning latents and voxel latents come from one encoder unless a run says otherwise; the
-    run's config.json, and so `generate` and evaluation, record the resolved name."""
-    if cfg.kind != "smdit" or cfg.flow.encoder:
+    """An SMDiT (or structure flow) config whose `flow.encoder` is left empty gets the encoder the shards' features
+    were made with (stats.json), so conditioning latents and voxel latents come from one encoder unless a run says
+    otherwise; the run's config.json, and so `generate` and evaluation, record the resolved name."""
+    if cfg.kind not in FLOW_KINDS or cfg.flow.encoder:
         return cfg
     encoder = read_stats(cfg.data.shards).get("encoder")
     if not encoder:
