@@ -220,7 +220,7 @@ def evaluate(
         raise typer.BadParameter(str(e)) from e
     typer.echo(f"evaluated {doc['count']} assets ({doc['seconds_per_asset']:.1f} s each); report: {out}/report.md")
     for k, v in sorted(doc["summary"].items()):
-        typer.echo(f"  {k:<16} {v:.4f}")
+        typer.echo(f"  {k:<18} {v:.4f}")
 
 
 @study_app.command("features")
