@@ -60,7 +60,7 @@ def test_vae_keeps_the_grid_and_reorient_is_a_symmetry():
     assert vae.decode(z).shape == occ.shape
     with pytest.raises(ValueError, match="occupancy must be 32"):
         vae.encode(occ[..., :16, :16, :16])
-    # A random one of the 48 cube symmetries: same voxel count, same sorted extents, and generally not the input.
+    # A random one of the 48 cube symmetries: same voxel count and the same extents, in some axis order.
     turned = reorient(occ, torch.Generator().manual_seed(1))
     for a, b in zip(occ, turned):
         assert a.sum() == b.sum()

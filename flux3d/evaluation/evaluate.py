@@ -138,7 +138,7 @@ class Evaluator:
             res.grid = [inp, pred[0], views[-1], gts[-1]] + res.grid
             final = g
             if self.predict:
-                self.predicted_layout(a, res, a.cond_images[j], cam, idx, inp)
+                self.predicted_layout(a, res, a.cond_images[j], latents, cam, idx, inp)
         if "multiview" in cfg.protocols and final is not None:
             from flux3d.evaluation.metrics import psnr
 
@@ -150,10 +150,11 @@ class Evaluator:
             res.rows["mv_views"] = float(len(idx))
         return res
 
-    def predicted_layout(self, a: EvalAsset, res: AssetResult, cond_png: bytes, cam: dict, idx: list[int],
-                         inp: torch.Tensor) -> None:
-        """Tab. 10: stage 1 predicts the layout from the input view; generation as above on it; the layout against
-        the ground-truth voxels. An empty prediction scores IoU 0 and generates nothing (counted in the caveats)."""
+    def predicted_layout(self, a: EvalAsset, res: AssetResult, cond_png: bytes, latents: torch.Tensor, cam: dict,
+                         idx: list[int], inp: torch.Tensor) -> None:
+        """Tab. 10: stage 1 predicts the layout from the input view; generation as above on it (`latents`: the
+        SMDiT's conditioning latents of that view); the layout against the ground-truth voxels. An empty prediction
+        scores IoU 0 and generates nothing (counted in the caveats)."""
         from flux3d.evaluation.metrics import chamfer_distance, clip_score, layout_iou
         from flux3d.models.flow_matching import SamplerConfig
         from flux3d.models.inference import generate, predict_layout
@@ -171,7 +172,6 @@ class Evaluator:
             return
         res.rows["layout_iou"] = layout_iou(layout, a.coords)
         res.rows["layout_chamfer"] = chamfer_distance(layout, a.coords, m.structure_vae.cfg.grid)
-        latents = self.cond_encoder(image(cond_png, bg, m.smdit_cfg.flow.cond_resolution)[None].to(self.device))
         sampler = SamplerConfig(steps=cfg.sampler_steps, guidance=cfg.guidance)
         g = generate(m.smdit, m.decoder, latents, layout, sampler, seed=seed, latent=m.latent).gaussians
         cams, stored = a.cameras["views"], a.cameras["resolution"]

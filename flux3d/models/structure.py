@@ -115,6 +115,7 @@ class StructureVAE(nn.Module):
                 dec.append(Upsample3d(ch[i], ch[i - 1]))
         dec += [_norm(ch[0]), nn.SiLU(), nn.Conv3d(ch[0], 1, 3, padding=1)]
         self.decoder = nn.Sequential(*dec)
+        self._flops_per_sample: float | None = None
 
     def encode(self, occ_B1RRR: torch.Tensor, generator: torch.Generator | None = None,
                sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +141,9 @@ class StructureVAE(nn.Module):
 
     def flops(self, batch_size: int) -> float:
         """Training FLOPs of one step: 2 x weights x output cells of every Conv3d (one forward of a copy on the
-        meta device, which computes shapes only), x3 for the backward."""
+        meta device, which computes shapes only, once per model), x3 for the backward."""
+        if self._flops_per_sample is not None:
+            return 3.0 * batch_size * self._flops_per_sample
         total = [0.0]
 
         def count(m: nn.Module, _: tuple, out: torch.Tensor) -> None:
@@ -153,6 +156,7 @@ class StructureVAE(nn.Module):
                 m.register_forward_hook(count)
         with torch.no_grad():
             meta.decode(meta.encode(torch.zeros(1, 1, *(3 * [self.cfg.grid]), device="meta"))[0])
+        self._flops_per_sample = total[0]
         return 3.0 * batch_size * total[0]
 
 

@@ -39,7 +39,7 @@ import posixpath
 import re
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,6 +202,22 @@ def decodes_latent(smdit_cfg: TrainConfig, decoder_path: str) -> bool:
         raise ValueError(f"the SMDiT diffuses the latent of {mine.path(at.rel)}; decode its samples with that "
                          f"decoder, not {given.path(given_at.rel)}")
     return True
+
+
+def load_frozen(path: str, device: str | torch.device, is_kind: Callable[[TrainConfig], bool],
+                what: str) -> tuple[nn.Module, TrainConfig, Storage, Checkpoint]:
+    """The EMA model of a run whose latent another run diffuses (`flow.latents`), frozen. Refused when it is not
+    `what` (`is_kind` false) or has not finished, since its latent space still moves until then, unless `path`
+    names one checkpoint folder."""
+    run, ckpt = resolve(path)
+    model, cfg = load_model(run.path(ckpt.rel), device=device)
+    model.requires_grad_(False)
+    if not is_kind(cfg):
+        raise ValueError(f"flow.latents = {path} is not {what}")
+    if not names_checkpoint(path) and ckpt.step < cfg.run.steps:
+        raise ValueError(f"{run.url} is at step {ckpt.step} of {cfg.run.steps}: its latent space still moves "
+                         "until it finishes (name one checkpoint folder to train on it anyway)")
+    return model, cfg, run, ckpt
 
 
 def load_structure(path: str, device: str | torch.device = "cpu") -> tuple[nn.Module, nn.Module, TrainConfig]:

@@ -133,17 +133,11 @@ class EncDecLatents:
     """`flow.latents`: a frozen encoder-decoder (EMA weights) mapping a batch's FLUX features to its latent."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
-        from flux3d.training.checkpoint import load_model, names_checkpoint, resolve
+        from flux3d.training.checkpoint import load_frozen
 
-        run, ckpt = resolve(cfg.flow.latents)
-        self.decoder, dcfg = load_model(run.path(ckpt.rel), device=device)
-        self.decoder.requires_grad_(False)
-        if dcfg.kind != "decoder" or not dcfg.decoder.latent_channels:
-            raise ValueError(f"flow.latents = {cfg.flow.latents} is not an encoder-decoder run "
-                             "(a decoder run with decoder.latent_channels > 0)")
-        if not names_checkpoint(cfg.flow.latents) and ckpt.step < dcfg.run.steps:
-            raise ValueError(f"{run.url} is at step {ckpt.step} of {dcfg.run.steps}: its latent space still moves "
-                             "until it finishes (name one checkpoint folder to train on it anyway)")
+        self.decoder, dcfg, run, ckpt = load_frozen(
+            cfg.flow.latents, device, lambda c: c.kind == "decoder" and c.decoder.latent_channels > 0,
+            "an encoder-decoder run (a decoder run with decoder.latent_channels > 0)")
         if cfg.smdit.in_channels != dcfg.decoder.latent_channels:
             raise ValueError(f"smdit.in_channels = {cfg.smdit.in_channels}, but {run.url} has "
                              f"{dcfg.decoder.latent_channels} latent channels")

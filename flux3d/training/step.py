@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from flux3d.config.features import FLUX_ENCODERS
-from flux3d.config.training import FLOW_KINDS, TrainConfig
+from flux3d.config.training import TrainConfig
 from flux3d.training.data import Batch, LayoutFn, make_loader, shard_urls
 
 

@@ -69,16 +69,10 @@ class StructureLatents:
     voxels to its latent grid's tokens (B * r^3, C)."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device, voxel_grid: int | None) -> None:
-        from flux3d.training.checkpoint import load_model, names_checkpoint, resolve
+        from flux3d.training.checkpoint import load_frozen
 
-        run, ckpt = resolve(cfg.flow.latents)
-        self.vae, vcfg = load_model(run.path(ckpt.rel), device=device)
-        self.vae.requires_grad_(False)
-        if vcfg.kind != "structure_vae":
-            raise ValueError(f"flow.latents = {cfg.flow.latents} is a {vcfg.kind} run, not a structure_vae run")
-        if not names_checkpoint(cfg.flow.latents) and ckpt.step < vcfg.run.steps:
-            raise ValueError(f"{run.url} is at step {ckpt.step} of {vcfg.run.steps}: its latent space still moves "
-                             "until it finishes (name one checkpoint folder to train on it anyway)")
+        self.vae, vcfg, run, ckpt = load_frozen(cfg.flow.latents, device, lambda c: c.kind == "structure_vae",
+                                                "a structure_vae run")
         s = vcfg.structure
         if voxel_grid is not None and voxel_grid != s.grid:
             raise ValueError(f"{cfg.data.shards} holds {voxel_grid}^3 voxels but the VAE {run.url} is {s.grid}^3")
@@ -99,8 +93,12 @@ class StructureLatents:
 
 
 class StructureFlowStep(SMDiTStep):
-    def frozen_encoder(self) -> StructureLatents:
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        # The same few batch sizes every step: each grid's tokens and patchify are built once.
         self._grids: dict[int, tuple[torch.Tensor, torch.Tensor, PatchLayout]] = {}
+
+    def frozen_encoder(self) -> StructureLatents:
         return StructureLatents(self.cfg, self.device, self.stats.get("voxel_resolution"))
 
     def layout_fn(self) -> None:
@@ -108,7 +106,7 @@ class StructureFlowStep(SMDiTStep):
 
     def tokens(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, PatchLayout]:
         B = batch.voxels.batch_size
-        if B not in self._grids:  # the same few batch sizes every step: build each grid's patchify once
+        if B not in self._grids:
             r = self.cfg.smdit.grid
             coords, offsets = grid_tokens(B, r)
             self._grids[B] = (coords.to(self.device), offsets.to(self.device),

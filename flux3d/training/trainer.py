@@ -4,10 +4,10 @@ number of workers.
     fit(cfg)  ->  Ray Train TorchTrainer(train_loop, num_workers, GPUs or CPUs)  ->  train_loop on every worker
     fit(cfg, local=True)  ->  train_loop in this process (one worker, no Ray: benchmarks, notebooks)
 
-What differs between the models is a `Step` (step.py; `STEPS` below): how to build the model and what one step's loss is;
-everything else lives here once: DDP or FSDP2, AdamW with warm-up, bf16 autocast on CUDA, gradient clipping, EMA,
-sharded checkpoints (torch.distributed.checkpoint) with exact resume, metrics (metrics.jsonl + TensorBoard scalars
-and image grids), throughput and MFU.
+What differs between the models is a `Step` (step.py; `STEPS` below): how to build the model and what one step's
+loss is; everything else lives here once: DDP or FSDP2, AdamW with warm-up, bf16 autocast on CUDA, gradient
+clipping, EMA, sharded checkpoints (torch.distributed.checkpoint) with exact resume, metrics (metrics.jsonl +
+TensorBoard scalars and image grids), throughput and MFU.
 
 Per-step randomness comes from a generator seeded by (seed, rank, step), so a run resumed from step N draws the
 same noise as the uninterrupted run did (see checkpoint.py). The data stream is positioned by (epoch, batches).
