@@ -6,7 +6,8 @@
 For each asset (default: Avocado, CesiumMan and GlassVaseFlowers from ../shared/assets/good) one Blender session
 builds the render stage's own scene (`build_scene`: import, normalisation, TRELLIS's lights, Filmic), then renders
 `--views` main-set cameras at 512 px and `--cond-views` conditioning cameras at 1024 px with every setting below,
-timing each view in-process (the fixed per-asset costs are the same for every setting and not counted here).
+timing each view in-process (the fixed per-asset costs are the same for every setting and not counted here). A
+setting with `crop_to_object` renders inside the stage's own border (`blender_render.set_border`).
 
 The reference is two renders with independent seeds at `--ref-samples` each, no adaptive sampling, no denoiser.
 Its own noise would cap every PSNR, so the reported PSNR subtracts it: with the candidate's noise independent of
@@ -33,38 +34,36 @@ import numpy as np
 
 from flux3d.config.pipeline import RenderConfig
 from flux3d.config.recipes import TRELLIS_RENDER
-from flux3d.stages.cameras import view_set_cameras
+from flux3d.stages.cameras import render_border, view_set_cameras
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets" / "good"
 DEFAULT_ASSETS = ("Avocado.glb", "CesiumMan.glb", "GlassVaseFlowers.glb")
 VIEWS_512, VIEWS_1024 = 150 + 10, 24  # main + curation sets at 512 px, conditioning set at 1024 px
 
 # name -> changes to our default RenderConfig (`paper`); `trellis` is the `trellis` recipe's render settings.
-LEAN = {"denoise_prefilter": "NONE", "light_tree": False, "bottom_light": False}
+LEAN = {"denoise_prefilter": "NONE"}  # the prefilter AUTO picks for an opaque asset, on every asset
+FULL_FRAME = {"crop_to_object": False}
 SETTINGS: dict[str, dict] = {
     "paper": {},
     "trellis": TRELLIS_RENDER,
+    "trellis-cropped": {**TRELLIS_RENDER, "crop_to_object": True},
+    "paper-uncropped": FULL_FRAME,  # the defaults before render.crop_to_object
+    "paper-tabulated": {"sampling_pattern": "TABULATED_SOBOL"},
+    "paper-lean": LEAN,
+    "paper-t0.015": {"adaptive_threshold": 0.015},
+    "paper-112": {"samples": 112},
+    "paper-96": {"samples": 96},
+    "64-lean": {**LEAN, "samples": 64},
+    "32-fast": {"samples": 32, "denoise_prefilter": "FAST"},
     "trellis-nodenoise": {**TRELLIS_RENDER, "denoise": False},
     "trellis-prefilter-none": {**TRELLIS_RENDER, "denoise_prefilter": "NONE"},
-    "128-lean": LEAN,
-    "128-lean-t0.015": {**LEAN, "samples": 128, "adaptive_threshold": 0.015},
-    "112-lean": {**LEAN, "samples": 112},
-    "96-lean": {**LEAN, "samples": 96},
-    "64-lean": {**LEAN, "samples": 64},
-    "64-accurate": {**TRELLIS_RENDER, "samples": 64},
-    "64-fast": {**TRELLIS_RENDER, "samples": 64, "denoise_prefilter": "FAST"},
-    "32-fast": {**TRELLIS_RENDER, "samples": 32, "denoise_prefilter": "FAST"},
     # Cycles knobs RenderConfig does not expose (scene.cycles attributes set after set_cycles): candidates only.
-    "128-lean-splits": {**LEAN, "_cycles": {"debug_use_spatial_splits": True}},
-    "128-lean-balanced": {**LEAN, "_cycles": {"denoising_quality": "BALANCED"}},
-    "112-lean-splits-balanced": {**LEAN, "samples": 112, "_cycles": {"debug_use_spatial_splits": True,
-                                                                     "denoising_quality": "BALANCED"}},
-    "128-lean-t0.015-splits-balanced": {**LEAN, "adaptive_threshold": 0.015, "_cycles": {
-        "debug_use_spatial_splits": True, "denoising_quality": "BALANCED"}},
+    "paper-balanced": {"_cycles": {"denoising_quality": "BALANCED"}},
+    "paper-splits": {"_cycles": {"debug_use_spatial_splits": True}},
 }
 # 1024 px is 4x the pixels: fewer settings there.
-COND_SETTINGS = ("trellis", "paper", "128-lean", "128-lean-t0.015", "96-lean", "112-lean-splits-balanced",
-                 "128-lean-t0.015-splits-balanced")
+COND_SETTINGS = ("trellis", "paper", "trellis-cropped", "paper-uncropped", "paper-tabulated", "paper-t0.015",
+                 "paper-96")
 
 
 def render_asset_grid(asset: str, names: list[str], views: int, cond_views: int, ref_samples: int,
@@ -73,10 +72,11 @@ def render_asset_grid(asset: str, names: list[str], views: int, cond_views: int,
     import bpy
     from mathutils import Matrix
 
-    from flux3d.stages.blender_render import build_scene, set_cycles
+    from flux3d.stages.blender_render import CROP_MARGIN_PX, build_scene, crop_points, set_border, set_cycles
 
     base = RenderConfig()
     scene, cam, _ = build_scene(bpy, asset, Path(asset).suffix[1:].lower(), base)
+    points = crop_points(bpy)
     cams = {"views": (view_set_cameras("0" * 64, "views150", views, base.radius), 512),
             "cond": (view_set_cameras("0" * 64, "cond24", cond_views, base.radius), 1024)}
     # TRELLIS's scene with every pixel sampled alike: what its renders (and ours) converge to.
@@ -95,7 +95,13 @@ def render_asset_grid(asset: str, names: list[str], views: int, cond_views: int,
                     continue
                 fields = dict(fields)
                 raw = fields.pop("_cycles", {})
-                set_cycles(bpy, scene, dataclasses.replace(base, **fields))
+                cfg = dataclasses.replace(base, **fields)
+                set_cycles(bpy, scene, cfg)
+                set_border(scene, render_border(points, c2w, math.radians(base.fov_deg), res, CROP_MARGIN_PX)
+                           if cfg.crop_to_object and points is not None else None)
+                # set_cycles does not touch these attributes: put them back after the render, or they would leak
+                # into every setting rendered after this one.
+                saved = {attr: getattr(scene.cycles, attr) for attr in raw}
                 for attr, value in raw.items():
                     setattr(scene.cycles, attr, value)
                 scene.cycles.seed = seed
@@ -103,6 +109,8 @@ def render_asset_grid(asset: str, names: list[str], views: int, cond_views: int,
                 t0 = time.perf_counter()
                 bpy.ops.render.render(write_still=True)
                 seconds[(name, set_name, i)] = time.perf_counter() - t0
+                for attr, value in saved.items():
+                    setattr(scene.cycles, attr, value)
     return seconds
 
 

@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,15 @@ from flux3d.config.pipeline import RenderConfig
 from flux3d.demo import _checker, _textured_box_glb
 from flux3d.pipeline.ingest import ingest
 from flux3d.pipeline.render import run_render
-from flux3d.stages.cameras import GL_TO_CV, project, sphere_hammersley, view_set_cameras
+from flux3d.stages.cameras import (
+    GL_TO_CV,
+    intrinsics,
+    project,
+    render_border,
+    sphere_hammersley,
+    view_set_cameras,
+    w2c_opencv,
+)
 from flux3d.stages.render import RENDER_COLUMNS, render_asset, render_params, render_views
 from flux3d.storage import TMP_MARK, Storage
 from tests.conftest import ASSETS as SHARED_ASSETS
@@ -73,7 +82,8 @@ def _wait_gone(pid: int, seconds: float = 5.0) -> bool:
 def test_render_config_validation():
     RenderConfig(**TINY)
     for bad in ({"views": 0}, {"cond_views": 0}, {"resolution": 500}, {"cond_resolution": 4}, {"radius": 0.5},
-                {"device": "metal"}, {"fov_deg": 0}, {"samples": 0}):
+                {"device": "metal"}, {"fov_deg": 0}, {"samples": 0}, {"sampling_pattern": "SOBOL"},
+                {"denoise_prefilter": "SOME"}):
         with pytest.raises(ValueError):
             RenderConfig(**bad)
     assert load_config(None, {"render.views": 8}).render.views == 8
@@ -98,6 +108,24 @@ def test_cameras_reproducible_per_asset_and_set():
 
 
 # -- real renders -----------------------------------------------------------------------------------------------
+def test_render_border_is_the_projected_points_rectangle():
+    """The border spans exactly where the points land (Blender's y up), widened by the margin, clipped to the frame;
+    a point behind the camera has no bounded projection."""
+    points = np.random.default_rng(0).uniform(-0.35, 0.35, (300, 3))  # inside every frame
+    for c2w in view_set_cameras(SHA_A, "views150", 5, 2.0):
+        uv, _ = project(points, intrinsics(math.radians(40), 128, 128), w2c_opencv(c2w))
+        x0, x1, y0, y1 = render_border(points, c2w, math.radians(40), 128, margin_px=0)
+        np.testing.assert_allclose([x0, x1], [uv[:, 0].min() / 128, uv[:, 0].max() / 128])
+        np.testing.assert_allclose([y0, y1], [1 - uv[:, 1].max() / 128, 1 - uv[:, 1].min() / 128])
+        wide = render_border(points, c2w, math.radians(40), 128, margin_px=2)
+        np.testing.assert_allclose(wide, [x0 - 2 / 128, x1 + 2 / 128, y0 - 2 / 128, y1 + 2 / 128])
+    c2w = view_set_cameras(SHA_A, "views150", 1, 2.0)[0]
+    assert render_border(np.array([[0.0, 0.0, 0.0], *c2w[:3, 3:].T * 1.5]), c2w, 0.7, 64) is None
+    assert render_border(points * 50, c2w, 0.7, 64) is None  # points around the camera
+    far = render_border(points * 1.5, c2w, math.radians(40), 64, margin_px=40)
+    assert far is not None and min(far) >= 0 and max(far) <= 1
+
+
 @pytest.fixture(scope="module")
 def box_render(tmp_path_factory):
     root = tmp_path_factory.mktemp("render")
@@ -388,3 +416,52 @@ def test_auto_prefilter_cleans_the_denoiser_guides_only_for_see_through_assets(t
         chosen[path.stem] = json.loads(Path(storage.path("renders", sha, "render.json")).read_text())[
             "denoise_prefilter"]
     assert chosen == {"box": "NONE", "clear": "ACCURATE"}
+
+
+@pytest.mark.integration
+def test_crop_to_object_renders_the_full_frames_pixels(tmp_path):
+    """Rendering only the rectangle the asset's vertices project into changes no pixel: without the denoiser (which
+    sees the image's extent) every view's RGBA, depth and normals equal the full-frame render's, in every set, while
+    Cycles traced a fraction of each frame."""
+    asset = tmp_path / "box.glb"
+    asset.write_bytes(_textured_box_glb())
+    roots, facts = {}, {}
+    for crop in (False, True):
+        cfg = RenderConfig(**{**TINY, "samples": 16, "passes": ["depth", "normal"], "crop_to_object": crop})
+        storage = Storage(str(tmp_path / str(crop)))
+        assert render_asset(str(asset), "glb", SHA_A, cfg, storage).state == "ok"
+        roots[crop] = Path(storage.path("renders", SHA_A))
+        facts[crop] = json.loads((roots[crop] / "render.json").read_text())
+    assert (facts[False]["cropped"], facts[True]["cropped"]) == (False, True)
+    compared = 0
+    for view_set in SETS:
+        assert facts[False]["sets"][view_set]["rendered_fraction"] == 1.0
+        assert 0.2 < facts[True]["sets"][view_set]["rendered_fraction"] < 0.9
+        for png in sorted((roots[False] / view_set).glob("*.png")):
+            full, crop = (np.asarray(Image.open(r / view_set / png.name)) for r in (roots[False], roots[True]))
+            assert np.array_equal(full, crop), (view_set, png.name)
+            compared += 1
+    assert compared == 4 * 3 + 2 + 2  # the main set's views with depth and normal, and the other two sets
+
+
+MAKE_DISPLACED_BLEND = """
+import bpy, sys
+bpy.ops.wm.read_factory_settings(use_empty=True)
+bpy.ops.mesh.primitive_cube_add(size=2.0)
+mat = bpy.data.materials.new("displaced")
+mat.use_nodes = True
+mat.displacement_method = "DISPLACEMENT"  # Cycles moves the surface: the vertices no longer bound it
+bpy.context.object.data.materials.append(mat)
+bpy.ops.wm.save_as_mainfile(filepath=sys.argv[-1])
+"""
+
+
+@pytest.mark.integration
+def test_an_asset_its_vertices_do_not_bound_renders_uncropped(tmp_path):
+    blend = tmp_path / "displaced.blend"
+    subprocess.run([sys.executable, "-c", MAKE_DISPLACED_BLEND, str(blend)], check=True, capture_output=True,
+                   timeout=120)
+    storage = Storage(str(tmp_path / "d"))
+    assert render_asset(str(blend), "blend", SHA_A, RenderConfig(**TINY), storage).state == "ok"
+    facts = json.loads(Path(storage.path("renders", SHA_A, "render.json")).read_text())
+    assert facts["cropped"] is False and facts["sets"]["views4"]["rendered_fraction"] == 1.0

@@ -74,7 +74,7 @@ def pipeline_trellis() -> Config:
 
 
 TRELLIS_RENDER = {"samples": 128, "adaptive_threshold": 0.01, "denoise": True, "denoise_prefilter": "ACCURATE",
-                  "light_tree": True, "bottom_light": True}
+                  "sampling_pattern": "AUTOMATIC", "crop_to_object": False, "light_tree": True, "bottom_light": True}
 PIPELINE: dict[str, Callable[[], Config]] = {"paper": pipeline_paper, "debug": pipeline_debug,
                                              "trellis": pipeline_trellis}
 

@@ -18,13 +18,13 @@ Scene, following TRELLIS `dataset_toolkits/blender_script/render.py`:
   1 / longest side of the world bounding box of the evaluated geometry and offset centring it: the scene fits
   [-0.5, 0.5]^3 with its longest side exactly 1.
 - Cycles, transparent film, RGBA 8-bit PNG, BOX pixel filter of width 1, persistent data between views; samples,
-  adaptive threshold, denoiser prefilter and light tree from `[render]` (docs/rendering.md: chosen by measured
-  quality against a converged reference per second).
-- Passes (main set only, `render.passes`): the compositor's File Output node writes Cycles' Depth and Normal
-  passes as float EXR beside each view; they are read back through Blender's own EXR loader (no EXR library
-  needed outside Blender) and stored as `NNN_depth.png` (uint16, camera-axis z = value / `depth_scale`, 0 = no
-  surface) and `NNN_normal.png` (RGB8, world-space normal n = value / 127.5 - 1, (128, 128, 128) = no surface).
-  Cycles' depth is the planar distance along the view axis, i.e. OpenCV z, not the ray length.
+  adaptive threshold, sampling pattern, denoiser prefilter and light tree from `[render]` (docs/rendering.md:
+  chosen by measured quality against a converged reference per second).
+- Crop (`render.crop_to_object`): each view renders only the rectangle its camera sees the asset's vertices in,
+  plus 2 px, as Blender's render border (the rest of the full-size image is the transparent background it would
+  have been anyway). Assets with something vertices do not bound (volumes, hair, shader displacement) render
+  uncropped; `render.json` says which (`cropped`).
+- Passes (main set only, `render.passes`): depth and normals beside each view (`blender_passes.py`).
 """
 
 from __future__ import annotations
@@ -38,11 +38,14 @@ from typing import Any
 import numpy as np
 
 from flux3d.config.pipeline import RenderConfig
-from flux3d.stages.cameras import frame_record, view_set_cameras
+from flux3d.stages.blender_passes import depth_scale_for, pass_outputs, store_passes
+from flux3d.stages.cameras import frame_record, render_border, view_set_cameras
 from flux3d.stages.inspect_common import find_file
 from flux3d.stages.render_layout import view_sets
 
 _GEOMETRY_TYPES = frozenset({"MESH", "CURVE", "SURFACE", "META", "FONT"})
+_UNSEEN_TYPES = frozenset({"EMPTY", "ARMATURE", "LIGHT", "CAMERA", "LATTICE", "SPEAKER", "LIGHT_PROBE"})
+CROP_MARGIN_PX = 2.0  # the BOX filter keeps a sample in its pixel; 2 px is slack for rounding to whole pixels
 LIGHTS = (  # name, type, energy (W), location, scale
     ("flux3d_point", "POINT", 1000.0, (4.0, 1.0, 6.0), 1.0),
     ("flux3d_top", "AREA", 10000.0, (0.0, 0.0, 10.0), 100.0),
@@ -75,7 +78,9 @@ def render_scene(path: str, fmt: str, sha256: str, cfg: RenderConfig, out_dir: s
     from mathutils import Matrix
 
     pass_dir = os.path.join(out_dir, ".passes")
-    passes = _pass_outputs(bpy, scene, cfg.passes, pass_dir)
+    passes = pass_outputs(bpy, scene, cfg.passes, pass_dir)
+    points = crop_points(bpy) if cfg.crop_to_object else None
+    facts["cropped"] = points is not None
     depth_scale = depth_scale_for(cfg.radius)
     for k, (folder, n, res) in enumerate(view_sets(cfg)):
         if not n:  # a set switched off (render.curation_views = 0)
@@ -84,22 +89,26 @@ def render_scene(path: str, fmt: str, sha256: str, cfg: RenderConfig, out_dir: s
         os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
         scene.render.resolution_x = scene.render.resolution_y = res
         scene.use_nodes = bool(passes) and k == 0  # the compositor only runs where passes are wanted
-        frames = []
+        frames, rendered = [], 0.0
         for i, c2w in enumerate(view_set_cameras(sha256, folder, n, cfg.radius)):
             cam.matrix_world = Matrix(c2w.tolist())
+            border = None if points is None else render_border(points, c2w, fov, res, CROP_MARGIN_PX)
+            set_border(scene, border)
+            rendered += 1.0 if border is None else (border[1] - border[0]) * (border[3] - border[2])
             name = f"{i:03d}.png"
             scene.render.filepath = os.path.join(out_dir, folder, name)
             bpy.ops.render.render(write_still=True)
             frames.append(frame_record(name, c2w, fov, res, res))
             if scene.use_nodes:
-                _store_passes(bpy, pass_dir, os.path.join(out_dir, folder, f"{i:03d}"), depth_scale)
+                store_passes(bpy, pass_dir, os.path.join(out_dir, folder, f"{i:03d}"), depth_scale)
         transforms = {"aabb": [[-0.5] * 3, [0.5] * 3], "scale": scale, "offset": offset,
                       "world_up": "+z (Blender)", "frames": frames}
         if scene.use_nodes:
             transforms.update(passes=sorted(passes), depth_scale=depth_scale)
         with open(os.path.join(out_dir, folder, "transforms.json"), "w") as f:
             json.dump(transforms, f)
-        sets[folder] = {"views": n, "resolution": res, "seconds": time.perf_counter() - t1}
+        sets[folder] = {"views": n, "resolution": res, "seconds": time.perf_counter() - t1,
+                        "rendered_fraction": rendered / n}  # of the frame's pixels, mean over the views
     if passes:
         os.rmdir(pass_dir)
     return {**facts, "setup_s": setup_s, "sets": sets}
@@ -123,6 +132,29 @@ def build_scene(bpy: Any, path: str, fmt: str, cfg: RenderConfig) -> tuple[Any, 
                         "denoise_prefilter": scene.cycles.denoising_prefilter}
 
 
+def crop_points(bpy: Any) -> np.ndarray | None:
+    """World-space vertices bounding all the camera can see, or None where some of it is not bounded by them: a
+    volume, hair, a point cloud, grease pencil, or a material displacing its surface in the shader."""
+    for obj in bpy.context.scene.objects:
+        if obj.hide_render or obj.type in _UNSEEN_TYPES:
+            continue
+        if obj.type not in _GEOMETRY_TYPES:
+            return None
+        if any(p.settings.type == "HAIR" for p in getattr(obj, "particle_systems", ())):
+            return None
+    if any(m.displacement_method != "BUMP" for m in bpy.data.materials if m.node_tree is not None):
+        return None
+    verts, _ = _scene_triangles(bpy)
+    return verts if len(verts) else None
+
+
+def set_border(scene: Any, border: tuple[float, float, float, float] | None) -> None:
+    r = scene.render
+    r.use_border, r.use_crop_to_border = border is not None, False  # the image stays full size
+    if border is not None:
+        r.border_min_x, r.border_max_x, r.border_min_y, r.border_max_y = border
+
+
 def _see_through(bpy: Any) -> bool:
     """Whether a material refracts or lets light through (glass, refraction, transparency, transmission, alpha).
     The denoiser's albedo and normal guides are then noisy (they follow the paths through), and only the ACCURATE
@@ -140,61 +172,6 @@ def _see_through(bpy: Any) -> bool:
                 if alpha is not None and (alpha.is_linked or alpha.default_value < 1):
                     return True
     return False
-
-
-def depth_scale_for(radius: float) -> int:
-    """uint16 steps per scene unit of `NNN_depth.png`: the farthest surface point (radius + the unit cube's half
-    diagonal) still fits in 16 bits; at radius 2 one step is 4.4e-5, far below a 64^3 voxel (1.6e-2)."""
-    return int(65535 // (radius + math.sqrt(3) / 2))
-
-
-def _pass_outputs(bpy: Any, scene: Any, passes: list[str], pass_dir: str) -> list[str]:
-    """Compositor graph: render layer -> Composite (the PNG) and -> File Output (one float EXR per pass)."""
-    if not passes:
-        return []
-    layer = scene.view_layers[0]
-    layer.use_pass_z = "depth" in passes
-    layer.use_pass_normal = "normal" in passes
-    scene.use_nodes = True
-    tree = scene.node_tree
-    for node in list(tree.nodes):
-        tree.nodes.remove(node)
-    src = tree.nodes.new("CompositorNodeRLayers")
-    tree.links.new(src.outputs["Image"], tree.nodes.new("CompositorNodeComposite").inputs["Image"])
-    out = tree.nodes.new("CompositorNodeOutputFile")
-    out.base_path = pass_dir
-    out.format.file_format, out.format.color_depth, out.format.exr_codec = "OPEN_EXR", "32", "NONE"
-    out.file_slots.clear()
-    for name in passes:
-        out.file_slots.new(name)
-        tree.links.new(src.outputs["Depth" if name == "depth" else "Normal"], out.inputs[name])
-    return list(passes)
-
-
-def _store_passes(bpy: Any, pass_dir: str, stem: str, depth_scale: int) -> None:
-    """Convert the File Output node's EXRs of the view just rendered to compact PNGs next to it."""
-    from PIL import Image
-
-    for exr in sorted(os.listdir(pass_dir)):
-        name = "depth" if exr.startswith("depth") else "normal"  # the node appends the frame: depth0000.exr
-        image = bpy.data.images.load(os.path.join(pass_dir, exr))
-        try:
-            w, h = image.size
-            px = np.empty(w * h * image.channels, dtype=np.float32)
-            image.pixels.foreach_get(px)
-        finally:
-            bpy.data.images.remove(image)
-        os.remove(os.path.join(pass_dir, exr))
-        px = px.reshape(h, w, -1)[::-1]  # Blender's pixel rows run bottom-up
-        if name == "depth":
-            z = px[..., 0]
-            hit = z < 1e9  # Cycles writes 1e10 where a pixel sees no surface
-            q = np.where(hit, np.clip(np.rint(z * depth_scale), 1, 65535), 0).astype(np.uint16)
-            Image.fromarray(q).save(f"{stem}_depth.png")  # PIL stores uint16 as a 16-bit greyscale PNG
-        else:
-            n = px[..., :3]
-            q = np.clip(np.rint((n + 1.0) * 127.5), 0, 255).astype(np.uint8)
-            Image.fromarray(q).save(f"{stem}_normal.png")
 
 
 def _import(bpy: Any, path: str, fmt: str) -> None:
@@ -330,6 +307,7 @@ def set_cycles(bpy: Any, scene: Any, cfg: RenderConfig) -> str:
     c.use_adaptive_sampling = cfg.adaptive_threshold > 0
     if cfg.adaptive_threshold > 0:
         c.adaptive_threshold, c.adaptive_min_samples = cfg.adaptive_threshold, 0
+    c.sampling_pattern = cfg.sampling_pattern
     c.use_denoising = cfg.denoise
     c.denoising_prefilter = cfg.denoise_prefilter if cfg.denoise_prefilter != "AUTO" else (
         "ACCURATE" if _see_through(bpy) else "NONE")

@@ -117,6 +117,20 @@ def project(points: np.ndarray, K: np.ndarray, w2c: np.ndarray) -> tuple[np.ndar
     return uvw[:, :2] / uvw[:, 2:3], cam[:, 2]
 
 
+def render_border(points: np.ndarray, c2w_gl: np.ndarray, fov_rad: float, resolution: int,
+                  margin_px: float = 2.0) -> tuple[float, float, float, float] | None:
+    """Blender's render border (min_x, max_x, min_y, max_y: fractions of the frame, y up) around where `points`
+    project in a square view, widened by `margin_px`; None when a point is at or behind the camera plane (its
+    projection is unbounded). With the asset's vertices as `points`, every pixel outside the border sees only the
+    empty background."""
+    uv, depth = project(points, intrinsics(fov_rad, resolution, resolution), w2c_opencv(c2w_gl))
+    if not len(uv) or (depth <= 0).any():
+        return None
+    (x0, y0), (x1, y1) = np.clip((uv.min(axis=0) - margin_px) / resolution, 0, 1), \
+        np.clip((uv.max(axis=0) + margin_px) / resolution, 0, 1)
+    return float(x0), float(x1), float(1 - y1), float(1 - y0)  # OpenCV rows run down, Blender's border y up
+
+
 def orbit_cameras(num_views: int, radius: float, fov_deg: float, resolution: int,
                   elevation_deg: float = 20.0) -> tuple[np.ndarray, np.ndarray]:
     """OpenCV (K (V, 3, 3), w2c (V, 4, 4)) of `num_views` cameras evenly spaced over the full azimuth at one

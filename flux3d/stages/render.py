@@ -4,7 +4,7 @@ Output, `renders/<sha>/` (on local disk it appears complete or not at all: rende
 then renamed; on an object store `render.json` is uploaded last):
 
     views150/000.png ...  transforms.json      main set (count and resolution from `[render]`)
-    views150/000_depth.png, 000_normal.png     main-set passes (`render.passes`; see blender_render.py)
+    views150/000_depth.png, 000_normal.png     main-set passes (`render.passes`; see blender_passes.py)
     cond24/...            transforms.json      conditioning set
     curation10/...        transforms.json      curation set
     mesh.ply                                   the normalised scene, triangulated (input of voxelization)
