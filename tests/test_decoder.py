@@ -174,14 +174,16 @@ def test_debug_decoder_overfits_one_real_asset(avocado, tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(900)  # 110 s alone; over 300 s in CI beside the flow runs' Ray instances and Blender on 2 cores
+@pytest.mark.timeout(900)  # 46 s alone; several times that in CI beside the flow runs' Ray instances and Blender
 def test_two_ray_train_workers_learn_the_same_asset(avocado16, tmp_path, monkeypatch):
     """DDP over two Ray Train CPU workers (each its own process and loader stream) reach the quality bar on the
-    asset at 16^3 (measured 27.9 dB; 110 s, half the time at 32^3)."""
+    asset at 16^3 (measured 26.8 dB after 200 steps, 46 s alone; 27.9 dB after 400)."""
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     import ray
 
-    cfg = _cfg(avocado16, tmp_path / "run2", **{"scale.num_workers": 2, "decoder.gaussians.resolution": 16})
+    # Half the steps: each step trains on both workers' batches, twice the samples of a one-worker step.
+    cfg = _cfg(avocado16, tmp_path / "run2", **{"scale.num_workers": 2, "decoder.gaussians.resolution": 16,
+                                                 "run.steps": STEPS // 2})
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         result = fit(cfg)
@@ -190,6 +192,6 @@ def test_two_ray_train_workers_learn_the_same_asset(avocado16, tmp_path, monkeyp
     model, _ = load_model(str(tmp_path / "run2"))
     trained = psnr(model, avocado16, held_out(avocado16))
     print(f"2 workers: held-out PSNR {trained:.2f} dB")
-    assert result["step"] == STEPS and trained > 24.0
+    assert result["step"] == STEPS // 2 and trained > 24.0
     meta = json.loads(next((tmp_path / "run2" / "checkpoints").glob("step_*/meta.json")).read_text())
     assert meta["config"]["scale"]["num_workers"] == 2
