@@ -135,10 +135,11 @@ class RenderConfig:
     -0.35 dB at 1024 px against the converged image (docs/rendering.md)."""
     crop_to_object: bool = True
     """Render only the rectangle the asset's vertices project into (+2 px; Blender's render border): outside it a
-    view sees the empty, transparent background, which otherwise takes ~40 % of a 512-px view's time (each of its
-    pixels still takes the adaptive sampler's minimum samples, and the denoiser runs over it). The same image in
-    expectation (other sample draws); off for TRELLIS's renders, and where an asset has something the vertices do
-    not bound (volumes, hair, shader displacement)."""
+    view sees the empty, transparent background, which otherwise takes ~25 % of a view's time (each of its
+    pixels still takes the adaptive sampler's minimum samples, and the denoiser runs over it). Inside, the same
+    samples: without the denoiser the pixels equal the full frame's; the denoiser, seeing a smaller image, differs
+    at noise level. Off for TRELLIS's renders, and where an asset has something the vertices do not bound
+    (volumes, hair, shader displacement)."""
     light_tree: bool = False
     """Cycles' light tree (on by default since Blender 3.5; TRELLIS's Blender 3.0 had none). With two lights it
     costs ~10 % per sample for no less noise (benchmarks/render_quality.py)."""
