@@ -72,11 +72,18 @@ def render_asset_grid(asset: str, names: list[str], views: int, cond_views: int,
     import bpy
     from mathutils import Matrix
 
-    from flux3d.stages.blender_render import CROP_MARGIN_PX, build_scene, crop_points, set_border, set_cycles
+    from flux3d.stages.blender_render import (
+        CROP_MARGIN_PX,
+        build_scene,
+        crop_points,
+        scene_triangles,
+        set_border,
+        set_cycles,
+    )
 
     base = RenderConfig()
     scene, cam, _ = build_scene(bpy, asset, Path(asset).suffix[1:].lower(), base)
-    points = crop_points(bpy)
+    points = crop_points(bpy, scene_triangles(bpy)[0])
     cams = {"views": (view_set_cameras("0" * 64, "views150", views, base.radius), 512),
             "cond": (view_set_cameras("0" * 64, "cond24", cond_views, base.radius), 1024)}
     # TRELLIS's scene with every pixel sampled alike: what its renders (and ours) converge to.

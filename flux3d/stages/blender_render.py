@@ -69,8 +69,9 @@ def render_scene(path: str, fmt: str, sha256: str, cfg: RenderConfig, out_dir: s
 
     scene, cam, facts = build_scene(bpy, path, fmt, cfg)
     scale, offset = facts["scale"], facts["offset"]
+    verts, faces = scene_triangles(bpy)  # normalised; the mesh file and the crop share one extraction
     if cfg.save_mesh:
-        _write_ply(os.path.join(out_dir, "mesh.ply"), *_scene_triangles(bpy))
+        _write_ply(os.path.join(out_dir, "mesh.ply"), verts, faces)
     setup_s = time.perf_counter() - t0
 
     fov = math.radians(cfg.fov_deg)
@@ -79,7 +80,7 @@ def render_scene(path: str, fmt: str, sha256: str, cfg: RenderConfig, out_dir: s
 
     pass_dir = os.path.join(out_dir, ".passes")
     passes = pass_outputs(bpy, scene, cfg.passes, pass_dir)
-    points = crop_points(bpy) if cfg.crop_to_object else None
+    points = crop_points(bpy, verts) if cfg.crop_to_object else None
     facts["cropped"] = points is not None
     depth_scale = depth_scale_for(cfg.radius)
     for k, (folder, n, res) in enumerate(view_sets(cfg)):
@@ -132,9 +133,9 @@ def build_scene(bpy: Any, path: str, fmt: str, cfg: RenderConfig) -> tuple[Any, 
                         "denoise_prefilter": scene.cycles.denoising_prefilter}
 
 
-def crop_points(bpy: Any) -> np.ndarray | None:
-    """World-space vertices bounding all the camera can see, or None where some of it is not bounded by them: a
-    volume, hair, a point cloud, grease pencil, or a material displacing its surface in the shader."""
+def crop_points(bpy: Any, verts: np.ndarray) -> np.ndarray | None:
+    """`verts` (the scene's world-space vertices) when they bound all the camera can see, else None: a volume,
+    hair, a point cloud, grease pencil, or a material displacing its surface in the shader."""
     for obj in bpy.context.scene.objects:
         if obj.hide_render or obj.type in _UNSEEN_TYPES:
             continue
@@ -144,7 +145,6 @@ def crop_points(bpy: Any) -> np.ndarray | None:
             return None
     if any(m.displacement_method != "BUMP" for m in bpy.data.materials if m.node_tree is not None):
         return None
-    verts, _ = _scene_triangles(bpy)
     return verts if len(verts) else None
 
 
@@ -238,7 +238,7 @@ def _instances(bpy: Any):  # noqa: ANN202 - yields (evaluated object, 4x4 world 
             yield obj, np.array(inst.matrix_world, dtype=np.float64)
 
 
-def _scene_triangles(bpy: Any) -> tuple[np.ndarray, np.ndarray]:
+def scene_triangles(bpy: Any) -> tuple[np.ndarray, np.ndarray]:
     """World-space vertices and triangles of every rendered geometry instance (modifiers, instancing applied)."""
     verts, faces, base = [], [], 0
     for obj, matrix in _instances(bpy):
@@ -263,7 +263,7 @@ def _scene_triangles(bpy: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _normalise(bpy: Any) -> tuple[float, list[float]]:
-    verts, _ = _scene_triangles(bpy)
+    verts, _ = scene_triangles(bpy)
     if not len(verts):
         raise RenderError("no_geometry", "nothing renderable in the scene")
     if not np.isfinite(verts).all():

@@ -126,9 +126,9 @@ def render_border(points: np.ndarray, c2w_gl: np.ndarray, fov_rad: float, resolu
     uv, depth = project(points, intrinsics(fov_rad, resolution, resolution), w2c_opencv(c2w_gl))
     if not len(uv) or (depth <= 0).any():
         return None
-    (x0, y0), (x1, y1) = np.clip((uv.min(axis=0) - margin_px) / resolution, 0, 1), \
-        np.clip((uv.max(axis=0) + margin_px) / resolution, 0, 1)
-    return float(x0), float(x1), float(1 - y1), float(1 - y0)  # OpenCV rows run down, Blender's border y up
+    lo = np.clip((uv.min(axis=0) - margin_px) / resolution, 0, 1)
+    hi = np.clip((uv.max(axis=0) + margin_px) / resolution, 0, 1)
+    return float(lo[0]), float(hi[0]), float(1 - hi[1]), float(1 - lo[1])  # OpenCV rows run down, Blender's y up
 
 
 def orbit_cameras(num_views: int, radius: float, fov_deg: float, resolution: int,
